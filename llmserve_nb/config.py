@@ -68,7 +68,6 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(8.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    metrics_interval_s: float = Field(2.0, gt=0)
     look_back_period_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
@@ -128,8 +127,12 @@ class AppConfig(_Strict):
         return self.deployment.max_ongoing_requests or 2 * self.batching.max_batch_size
 
     def build_args(self) -> dict[str, Any]:
-        """The `args` of the Serve application: everything `build_app` needs to rebuild this config."""
-        return self.model_dump(mode="json", exclude_defaults=True)
+        """The `args` of the Serve application: what `build_app` needs to rebuild this config.
+
+        Batching is left out on purpose: it travels as the deployment's `user_config`, and a change
+        of `args` would make Serve rebuild the app and restart every replica instead of reconfiguring.
+        """
+        return self.model_dump(mode="json", exclude_defaults=True, exclude={"batching"})
 
     def ray_actor_options(self) -> dict[str, Any]:
         d = self.deployment

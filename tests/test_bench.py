@@ -1,0 +1,378 @@
+"""The load generator against a tiny in-process fake OpenAI server with known timings and failure modes."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmserve_nb import bench
+from llmserve_nb.bench import BenchRun, RequestResult, Workload
+
+TTFT = 0.15  # the fake server's delay before the first chunk
+GAP = 0.05  # between chunks
+PER_CHUNK = 2  # tokens per chunk, so ITL (per chunk) and TPOT (per token) differ
+SLACK = 0.005  # asyncio timers may fire this early
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+class FakeOpenAI:
+    """`/{mode}/v1/completions`, where mode picks the behaviour; records every request body."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        self.app = Starlette(routes=[
+            Route("/{mode}/v1/models", self.models),
+            Route("/{mode}/v1/completions", self.completions, methods=["POST"]),
+        ])
+
+    async def models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def completions(self, request: Request):
+        mode = request.path_params["mode"]
+        body = await request.json()
+        self.bodies.append(body)
+        n = body["max_tokens"]
+        if mode == "auth" and request.headers.get("authorization") != "Bearer sekret":
+            return JSONResponse({"error": {"message": "invalid or missing API key"}}, status_code=401)
+        if mode == "http400":
+            return JSONResponse({"error": {"message": "max_tokens too large"}}, status_code=400)
+        if mode == "http500":
+            return JSONResponse({"error": {"message": "engine died"}}, status_code=500)
+        if mode == "json":
+            await asyncio.sleep(TTFT)
+            return JSONResponse({"choices": [{"text": "x" * n}], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
+        if mode == "nojson":
+            return Response("<html>oops</html>", media_type="text/html")
+
+        async def stream():
+            if mode == "slow":
+                await asyncio.sleep(3)
+            await asyncio.sleep(TTFT)
+            chunks = math.ceil(n / PER_CHUNK)
+            for i in range(chunks):
+                if i:
+                    await asyncio.sleep(GAP)
+                yield _sse({"choices": [{"index": 0, "text": "ab" * PER_CHUNK}], "usage": None})
+                if mode == "truncated" and i == 1:
+                    return
+                if mode == "garbage" and i == 0:
+                    yield b"data: {not json\n\n"
+                if mode == "errorevent" and i == 0:
+                    yield _sse({"error": {"message": "out of KV cache"}})
+            if mode != "nousage":
+                yield _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def fake():
+    srv = FakeOpenAI()
+    server = uvicorn.Server(uvicorn.Config(srv.app, host="127.0.0.1", port=0, log_level="error", lifespan="off",
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "fake server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    srv.url = f"http://127.0.0.1:{port}"
+    yield srv
+    server.should_exit = True
+    thread.join(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(url, **kw):
+    wl_kw = {k: kw.pop(k) for k in list(kw) if k in Workload.__dataclass_fields__}
+    wl = Workload(**{"num_requests": 2, "output_tokens": 8, "timeout_s": 5, "duration_s": 10, **wl_kw})
+    kw.setdefault("progress", False)
+    if "rate" not in kw:
+        kw.setdefault("concurrency", 1)
+    return bench.run_benchmark(url, wl, **kw)
+
+
+# ---- metric arithmetic on hand-made results ------------------------------------------------
+
+def test_summary_metrics_from_known_timings():
+    ok1 = RequestResult(0, "ok", streamed=True, start_s=0.0, ttft_s=0.1, e2e_s=1.1, chunk_times_s=[0.1, 0.3, 0.6, 1.1],
+                        input_tokens=30, output_tokens=11, expected_output_tokens=11)
+    ok2 = RequestResult(1, "ok", streamed=True, start_s=0.5, ttft_s=0.3, e2e_s=2.3, chunk_times_s=[0.3, 0.4],
+                        input_tokens=30, output_tokens=21, expected_output_tokens=64)
+    err = RequestResult(2, "error", error_kind="http_5xx", error="HTTP 500: boom", http_status=500)
+    cut = RequestResult(3, "incomplete")
+    run_ = BenchRun("x", "http://h", "m", Workload(num_requests=4), 2, None, 2.0, [ok1, ok2, err, cut])
+    s = run_.summary()
+
+    assert (s["completed"], s["errors"], s["incomplete"], s["err_http_5xx"], s["err_connect"]) == (2, 1, 1, 1, 0)
+    assert s["output_tok_per_s"] == pytest.approx(32 / 2.0)
+    assert s["req_per_s"] == pytest.approx(1.0)
+    assert s["short_outputs"] == 1
+    assert ok1.tpot_s == pytest.approx(0.1) and ok2.tpot_s == pytest.approx(0.1)
+    assert s["tpot_ms_p50"] == pytest.approx(100.0)
+    assert s["ttft_ms_p50"] == pytest.approx(200.0)
+    assert s["ttft_ms_p90"] == pytest.approx(280.0)  # linear interpolation between 100 and 300
+    assert s["itl_ms_p50"] == pytest.approx(250.0)  # pooled gaps 200, 300, 500, 100
+    assert s["e2e_ms_p99"] == pytest.approx(1100 + 0.99 * 1200)
+    assert s["error_example"] == "http_5xx: HTTP 500: boom"
+
+
+def test_percentile_matches_numpy():
+    np = pytest.importorskip("numpy")
+    vals = [random.Random(3).random() for _ in range(37)]
+    for q in (0, 50, 90, 99, 100):
+        assert bench._percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
+    assert math.isnan(bench._percentile([], 50))
+
+
+def test_prompts_are_deterministic_and_sized():
+    a = bench.make_prompts(5, 30, seed=1)
+    assert a == bench.make_prompts(5, 30, seed=1) and a != bench.make_prompts(5, 30, seed=2)
+    # One token per word plus two for the prefix, in SmolLM2's tokenizer.
+    assert all(len(p.split()) == 29 and p.startswith("Story:") for p in a)
+    items = Workload(num_requests=50, input_tokens=(10, 20), output_tokens=(4, 9), seed=5).items()
+    assert {n_in for _, n_in, _ in items} <= set(range(10, 21)) and len({n for _, _, n in items}) > 1
+    assert items == Workload(num_requests=50, input_tokens=(10, 20), output_tokens=(4, 9), seed=5).items()
+
+
+# ---- against the fake server ---------------------------------------------------------------
+
+def test_streaming_timings_and_usage(fake):
+    r = run(fake.url + "/ok", num_requests=3, output_tokens=8)
+    s = r.summary()
+    assert s["completed"] == 3 and s["errors"] == 0
+    assert r.model == "fake-model"
+    body = fake.bodies[-1]
+    assert body["ignore_eos"] is True and body["max_tokens"] == 8 and body["model"] == "fake-model"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    for rr in r.results:
+        assert rr.tokens_from == "usage" and rr.output_tokens == 8 and rr.input_tokens == 7 and rr.streamed
+        assert len(rr.chunk_times_s) == 4
+        assert TTFT - SLACK <= rr.ttft_s < TTFT + 0.25
+        assert all(GAP - SLACK <= g < GAP + 0.1 for g in rr.itl_s)
+        assert rr.e2e_s >= TTFT + 3 * GAP - SLACK
+        assert rr.tpot_s == pytest.approx((rr.e2e_s - rr.ttft_s) / 7)
+    # 4 chunks of 2 tokens: a chunk gap is ~2 token times, so ITL (per chunk) > TPOT (per token).
+    assert s["itl_ms_p50"] > s["tpot_ms_p50"] * 1.5
+    assert s["output_tok_per_s"] == pytest.approx(24 / r.duration_s)
+
+
+def test_without_usage_counts_chunks_or_tokenizer(fake):
+    r = run(fake.url + "/nousage", num_requests=1, output_tokens=8)
+    assert r.results[0].tokens_from == "chunks" and r.results[0].output_tokens == 4
+
+    class CharTokenizer:
+        def encode(self, text, add_special_tokens=True):
+            return list(text)
+
+    r = run(fake.url + "/nousage", num_requests=1, output_tokens=8, tokenizer=CharTokenizer())
+    assert r.results[0].tokens_from == "tokenizer" and r.results[0].output_tokens == 16
+
+
+def test_non_streaming_server_has_ttft_equal_e2e(fake):
+    r = run(fake.url + "/json", num_requests=2)
+    rr = r.results[0]
+    assert r.summary()["completed"] == 2 and not rr.streamed
+    assert rr.ttft_s == rr.e2e_s >= TTFT - SLACK and rr.output_tokens == 8
+    assert math.isnan(rr.tpot_s) and rr.itl_s == []
+
+
+@pytest.mark.parametrize(
+    "mode, kind, fragment",
+    [
+        ("http400", "http_4xx", "HTTP 400"),
+        ("http500", "http_5xx", "engine died"),
+        ("garbage", "bad_stream", "non-JSON SSE data"),
+        ("truncated", "bad_stream", "without [DONE]"),
+        ("errorevent", "bad_stream", "out of KV cache"),
+        ("nojson", "bad_stream", "neither SSE nor JSON"),
+    ],
+)
+def test_failures_are_counted_per_kind(fake, mode, kind, fragment):
+    r = run(fake.url + "/" + mode, num_requests=3, concurrency=2)
+    s = r.summary()
+    assert s["errors"] == 3 and s[f"err_{kind}"] == 3 and s["completed"] == 0
+    assert fragment in s["error_example"]
+    assert math.isnan(s["ttft_ms_p50"]) and s["output_tok_per_s"] == 0
+
+
+def test_api_key_is_sent(fake):
+    assert run(fake.url + "/auth", num_requests=1, api_key="sekret").summary()["completed"] == 1
+    s = run(fake.url + "/auth", num_requests=1).summary()
+    assert s["err_http_4xx"] == 1 and "API key" in s["error_example"]
+
+
+def test_timeout_is_counted(fake):
+    t0 = time.monotonic()
+    r = run(fake.url + "/slow", num_requests=2, concurrency=2, timeout_s=0.4)
+    assert time.monotonic() - t0 < 2.5
+    assert r.summary()["err_timeout"] == 2
+
+
+def test_server_down_is_a_connect_error():
+    url = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    r = run(url, num_requests=4, concurrency=2)
+    assert time.monotonic() - t0 < 5
+    s = r.summary()
+    assert s["err_connect"] == 4 and s["completed"] == 0 and r.model is None
+    assert "ConnectError" in s["error_example"]
+
+
+def test_request_count_bound(fake):
+    before = len(fake.bodies)
+    r = run(fake.url + "/ok", num_requests=5, concurrency=3, output_tokens=2)
+    assert len(r.results) == 5 and r.summary()["completed"] == 5
+    assert len(fake.bodies) - before == 5
+
+
+def test_duration_bound_cuts_in_flight_requests(fake):
+    t0 = time.monotonic()
+    r = run(fake.url + "/slow", num_requests=50, concurrency=3, duration_s=0.6, timeout_s=30)
+    elapsed = time.monotonic() - t0
+    s = r.summary()
+    assert elapsed < 2.0, elapsed
+    # The 3 users each started one request; none finished (the server holds them for 3 s).
+    assert (s["requests"], s["incomplete"], s["completed"], s["errors"]) == (3, 3, 0, 0)
+    assert 0.55 <= r.duration_s < 1.5
+
+
+def test_open_loop_follows_the_seeded_poisson_schedule(fake):
+    rate, n = 25.0, 30
+    r = run(fake.url + "/json", num_requests=n, rate=rate, output_tokens=2, arrival_seed=7)
+    rng = random.Random(7)
+    expected, t = [0.0], 0.0
+    for _ in range(n - 1):
+        t += rng.expovariate(rate)
+        expected.append(t)
+    starts = [rr.start_s for rr in r.results]
+    assert len(starts) == n and r.summary()["completed"] == n
+    assert all(abs(a - b) < 0.1 for a, b in zip(starts, expected)), list(zip(starts, expected))
+    observed_rate = (n - 1) / (starts[-1] - starts[0])
+    assert rate / 2.5 < observed_rate < rate * 2.5
+
+
+def test_open_loop_respects_duration(fake):
+    rate, duration = 10.0, 1.0
+    r = run(fake.url + "/json", num_requests=1000, rate=rate, output_tokens=2, duration_s=duration, arrival_seed=3)
+    rng, t, due = random.Random(3), 0.0, 1
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            break
+        due += 1
+    assert len(r.results) == due
+    assert r.duration_s < duration + 0.5
+
+
+def test_sweep_report_files_and_ratios(fake, tmp_path):
+    report = bench.sweep(fake.url + "/ok", Workload(num_requests=2, output_tokens=4), concurrency=[1, 2],
+                         label="fake", progress=False)
+    summary = report.summary()
+    assert list(summary["concurrency"]) == [1, 2] and (summary["completed"] == 2).all()
+    paths = report.save(tmp_path)
+    data = json.loads(paths["report"].read_text())
+    assert [run_["concurrency"] for run_ in data["runs"]] == [1, 2]
+    assert len(data["runs"][0]["requests"]) == 2
+    assert len(report.requests()) == 4
+    assert paths["summary"].read_text().startswith("label,")
+
+    other = summary.copy()
+    other["label"] = "half"
+    other["output_tok_per_s"] = summary["output_tok_per_s"] / 2
+    both = bench.ratio_table(__import__("pandas").concat([summary, other], ignore_index=True))
+    assert list(both["output_tok_per_s_ratio"]) == pytest.approx([1, 1, 0.5, 0.5])
+    md = bench.to_markdown(both, ["label", "concurrency", "output_tok_per_s_ratio"])
+    assert md.splitlines()[0] == "| label | concurrency | output_tok_per_s_ratio |" and "| half | 2 | 0.50 |" in md
+
+
+def test_plots_render(fake):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    report = bench.sweep(fake.url + "/ok", Workload(num_requests=2, output_tokens=4), concurrency=[1, 2],
+                         progress=False, warmup=0)
+    assert len(bench.plot_throughput_latency(report).lines) == 1
+    assert len(bench.plot_latency_cdf(report, "ttft").lines) == 2
+    assert len(bench.plot_ttft_vs_concurrency(report).lines) == 2
+
+
+class _FakeCluster:
+    """Stands in for `cluster.connect()`: every deploy points at the fake server."""
+
+    def __init__(self, url):
+        self.url, self.deployed, self.shut = url, [], 0
+
+    def deploy(self, cfg):
+        self.deployed.append(cfg)
+        cluster = self
+
+        class App:
+            base_url, model = cluster.url, "fake-model"
+
+            def shutdown(self):
+                cluster.shut += 1
+
+        return App()
+
+
+def test_compare_configs_deploys_each_and_shuts_down(fake, tmp_path):
+    from llmserve_nb.config import AppConfig
+
+    base = AppConfig()
+    cluster = _FakeCluster(fake.url + "/ok")
+    table = bench.compare_configs(
+        cluster, [base, base.with_overrides(**{"batching.max_batch_size": 1}), ("two", base)],
+        Workload(num_requests=2, output_tokens=2), concurrency=[1], out_dir=tmp_path, progress=False,
+    )
+    assert len(cluster.deployed) == 3 and cluster.shut == 3
+    assert list(table["label"]) == ["baseline", "batching.max_batch_size=1", "two"]
+    assert table["output_tok_per_s_ratio"].iloc[0] == pytest.approx(1.0)
+    assert (table["completed"] == 2).all()
+    assert len(list(tmp_path.glob("*/report.json"))) == 3
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    bench.add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_tiny_workload(fake, tmp_path, capsys):
+    rc = _cli(["bench", "--url", fake.url + "/ok", "--concurrency", "1,2", "--requests", "2", "--max-tokens", "4",
+               "--out", str(tmp_path / "b"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("| label | concurrency |") and out.count("\n| run |") == 2
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["runs"][1]["summary"]["completed"] == 2
+
+
+def test_cli_server_down_exits_1_with_reason(capsys):
+    rc = _cli(["bench", "--url", f"http://127.0.0.1:{_free_port()}", "--concurrency", "1", "--requests", "2",
+               "--no-progress", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "connect=2" in err and "no request" in err

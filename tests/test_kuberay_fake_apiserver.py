@@ -1,0 +1,440 @@
+"""llmserve_nb.kuberay against a FAKE Kubernetes API server.
+
+The server is kmock's `KubernetesEmulator`: a stateful fake of the API server that stores the objects we
+create and answers get/list/patch/status over real HTTP, driven by the real `kubernetes` client. It is not
+a kube-apiserver: it ignores label selectors, has no RBAC, no resourceVersion and no port-forward
+websocket, so forbidden answers are injected and the client-library port-forward's relaying is not covered.
+Test names say `fake_apiserver` to keep that visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+
+import kmock
+import pytest
+from kubernetes import client
+
+from llmserve_nb.kuberay import KubeRayCluster, KubeRayError, check_version_skew, connect_kuberay, versions_from_image
+
+NS = "team-a"
+HEAD_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
+
+
+class FakeApiServer:
+    """kmock's KubernetesEmulator on a real localhost port, in its own event-loop thread."""
+
+    def __init__(self, declare_ray: bool = True) -> None:
+        started = threading.Event()
+
+        async def main() -> None:
+            async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+                for plural, kind in [("ray.io/v1/rayclusters", "RayCluster"), ("ray.io/v1/rayservices", "RayService")]:
+                    if declare_ray:
+                        emulator.resources[plural].kind = kind
+                for plural, kind in [("v1/services", "Service"), ("v1/pods", "Pod"), ("v1/secrets", "Secret")]:
+                    emulator.resources[plural].kind = kind
+                self.emulator, self.url = emulator, str(server.url).rstrip("/")
+                self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+                started.set()
+                await self._stop.wait()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True, name="fake-apiserver")
+        self._thread.start()
+        assert started.wait(10), "fake API server did not start"
+        cfg = client.Configuration()
+        cfg.host = self.url
+        self.api = client.ApiClient(cfg)
+        self.custom, self.core = client.CustomObjectsApi(self.api), client.CoreV1Api(self.api)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    # Objects go in through the API, as an operator or kubectl would put them there.
+    def add_cr(self, kind: str, name: str, spec: dict, status: dict | None = None) -> None:
+        plural = kind.lower() + "s"
+        body = {"apiVersion": "ray.io/v1", "kind": kind, "metadata": {"name": name, "namespace": NS}, "spec": spec}
+        self.custom.create_namespaced_custom_object("ray.io", "v1", NS, plural, body)
+        if status is not None:
+            self.set_status(kind, name, status)
+
+    def set_status(self, kind: str, name: str, status: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            "ray.io", "v1", NS, kind.lower() + "s", name, {"status": status}
+        )
+
+    def add_service(self, name: str, ports: dict[str, int]) -> None:
+        self.core.create_namespaced_service(
+            NS,
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name},
+                "spec": {"ports": [{"name": n, "port": p} for n, p in ports.items()]},
+            },
+        )
+
+
+@pytest.fixture()
+def fake_apiserver():
+    server = FakeApiServer()
+    yield server
+    server.stop()
+
+
+def _cond(kind: str, ok: bool, reason: str = "Ok", message: str = "") -> dict:
+    return {
+        "type": kind,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-11-28T00:00:00Z",
+    }
+
+
+RC_SPEC = {
+    "rayVersion": "2.60.0",
+    "headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head", "image": HEAD_IMAGE}]}}},
+}
+READY = {
+    "state": "ready",
+    "conditions": [_cond("HeadPodReady", True), _cond("RayClusterProvisioned", True)],
+    "readyWorkerReplicas": 1,
+    "desiredWorkerReplicas": 1,
+}
+HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}
+
+
+def _cluster(server: FakeApiServer, name: str = "nb", **kw) -> KubeRayCluster:
+    return KubeRayCluster(name, NS, api_client=server.api, **kw)
+
+
+def test_fake_apiserver_ready_raycluster_is_found(fake_apiserver):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    kr = _cluster(fake_apiserver)
+    kind, obj = kr.resource()
+    assert (kind, obj["metadata"]["name"]) == ("RayCluster", "nb")
+    ready, summary = kr.readiness()
+    assert ready and "HeadPodReady=True" in summary and "workers ready 1/1" in summary
+    kr.wait_ready(timeout_s=1, poll_s=0.05)
+    assert kr.versions() == ("2.60.0", "3.11")
+
+
+def test_fake_apiserver_missing_cluster_names_what_exists(fake_apiserver):
+    fake_apiserver.add_cr("RayCluster", "other", RC_SPEC)
+    fake_apiserver.add_cr("RayService", "svc1", {"rayClusterConfig": RC_SPEC})
+    with pytest.raises(KubeRayError) as err:
+        _cluster(fake_apiserver, "nope").resource()
+    msg = str(err.value)
+    assert "'nope'" in msg and f"'{NS}'" in msg and "RayClusters: other" in msg and "RayServices: svc1" in msg
+
+
+def test_fake_apiserver_missing_crd_asks_about_the_operator():
+    server = FakeApiServer(declare_ray=False)
+    try:
+        with pytest.raises(KubeRayError, match=r"rayservices\.ray\.io.*is the KubeRay operator installed"):
+            _cluster(server, "nb").resource()
+    finally:
+        server.stop()
+
+
+def test_fake_apiserver_forbidden_is_reported_with_rbac_hint(fake_apiserver):
+    (
+        fake_apiserver.emulator["get", kmock.resource("ray.io", "v1", "rayservices")]
+        << 403
+        << {
+            "kind": "Status",
+            "code": 403,
+            "reason": "Forbidden",
+            "message": 'rayservices.ray.io "nb" is forbidden: User "bob" cannot get resource "rayservices"',
+        }
+    )
+    with pytest.raises(
+        KubeRayError, match=r"forbidden: cannot get RayService 'nb'.*User \"bob\".*get/list on rayclusters"
+    ):
+        _cluster(fake_apiserver).resource()
+
+
+def test_fake_apiserver_wait_ready_sees_status_patched_from_another_thread(fake_apiserver):
+    fake_apiserver.add_cr(
+        "RayCluster",
+        "nb",
+        RC_SPEC,
+        {
+            "conditions": [
+                _cond("HeadPodReady", False, "ContainersNotReady", "ray-head not ready"),
+                _cond("RayClusterProvisioned", False),
+            ]
+        },
+    )
+    timer = threading.Timer(0.4, fake_apiserver.set_status, args=("RayCluster", "nb", READY))
+    timer.start()
+    seen: list[str] = []
+    t0 = time.monotonic()
+    _cluster(fake_apiserver).wait_ready(timeout_s=10, poll_s=0.05, progress=seen.append)
+    timer.join()
+    assert 0.3 < time.monotonic() - t0 < 5
+    assert "HeadPodReady=False (ContainersNotReady: ray-head not ready)" in seen[0]
+    assert "HeadPodReady=True" in seen[-1] and len(seen) == 2  # progress reports changes, not every poll
+
+
+def test_fake_apiserver_wait_ready_times_out_with_the_last_status(fake_apiserver):
+    fake_apiserver.add_cr(
+        "RayCluster",
+        "nb",
+        RC_SPEC,
+        {
+            "state": "",
+            "conditions": [
+                _cond("HeadPodReady", False, "ContainersNotReady"),
+                _cond("RayClusterProvisioned", False, "WaitingForPods"),
+            ],
+        },
+    )
+    seen: list[str] = []
+    with pytest.raises(
+        KubeRayError,
+        match=r"not ready after 0\.3s; last status seen: RayCluster team-a/nb: .*"
+        r"HeadPodReady=False \(ContainersNotReady\)",
+    ):
+        _cluster(fake_apiserver).wait_ready(timeout_s=0.3, poll_s=0.05, progress=seen.append)
+    assert len(seen) == 1 and "RayClusterProvisioned=False (WaitingForPods)" in seen[0]
+
+
+def test_fake_apiserver_rayservice_leads_to_its_active_cluster(fake_apiserver, monkeypatch):
+    fake_apiserver.add_cr(
+        "RayService",
+        "llm",
+        {"rayClusterConfig": RC_SPEC},
+        {"serviceStatus": "", "conditions": [_cond("Ready", False, "Initializing")]},
+    )
+    kr = _cluster(fake_apiserver, "llm")
+    with pytest.raises(KubeRayError, match="no active RayCluster yet"):
+        kr.raycluster()
+    assert kr.readiness()[0] is False
+    fake_apiserver.add_cr("RayCluster", "llm-x7k2p", RC_SPEC, READY)
+    fake_apiserver.add_service("llm-x7k2p-head-svc", HEAD_PORTS)
+    fake_apiserver.set_status(
+        "RayService",
+        "llm",
+        {
+            "conditions": [_cond("Ready", True, "RunningServeApps")],
+            "activeServiceStatus": {
+                "rayClusterName": "llm-x7k2p",
+                "applicationStatuses": {"llm": {"status": "RUNNING"}},
+            },
+        },
+    )
+    kr.wait_ready(timeout_s=1, poll_s=0.05)
+    assert kr.resource()[0] == "RayService" and kr.raycluster()["metadata"]["name"] == "llm-x7k2p"
+    assert "apps: llm=RUNNING" in kr.readiness()[1]
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with kr.connect() as conn:
+        dns = f"llm-x7k2p-head-svc.{NS}.svc.cluster.local"
+        assert (conn.how, conn.cluster_name, conn.ray_version, conn.python_version) == (
+            "in-cluster-dns",
+            "llm-x7k2p",
+            "2.60.0",
+            "3.11",
+        )
+        assert conn.dashboard_url == f"http://{dns}:8265" and conn.serve_url == f"http://{dns}:8000"
+        assert conn.client_address == f"ray://{dns}:10001"
+
+
+def test_fake_apiserver_head_service_ports_are_read_by_name(fake_apiserver):
+    status = {**READY, "head": {"serviceName": "nb-head-svc-short"}}  # KubeRay's name wins over the convention
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, status)
+    fake_apiserver.add_service(
+        "nb-head-svc-short", {"dashboard": 18265, "serve": 18000, "gcs-server": 16379, "http": 80}
+    )
+    svc = _cluster(fake_apiserver).head_service()
+    assert svc.name == "nb-head-svc-short" and svc.ports == {"dashboard": 18265, "serve": 18000, "gcs": 16379}
+    assert svc.dns == f"nb-head-svc-short.{NS}.svc.cluster.local"
+
+
+def test_fake_apiserver_missing_head_service_lists_services(fake_apiserver):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("unrelated", {"http": 80})
+    with pytest.raises(
+        KubeRayError, match=r"head service 'nb-head-svc' of RayCluster 'nb' not found .*services there: unrelated"
+    ):
+        _cluster(fake_apiserver).head_service()
+
+
+def test_fake_apiserver_head_pod_is_filtered_client_side(fake_apiserver):
+    def pod(name: str, cluster: str, node_type: str, phase: str) -> None:
+        fake_apiserver.core.create_namespaced_pod(
+            NS,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "labels": {"ray.io/cluster": cluster, "ray.io/node-type": node_type}},
+                "spec": {"containers": [{"name": "ray", "image": HEAD_IMAGE}]},
+            },
+        )
+        fake_apiserver.core.patch_namespaced_pod_status(name, NS, {"status": {"phase": phase}})
+
+    pod("a-worker", "a", "worker", "Running")
+    pod("b-head", "b", "head", "Running")
+    pod("a-head-old", "a", "head", "Failed")
+    pod("a-head", "a", "head", "Running")
+    kr = _cluster(fake_apiserver, "a")
+    assert kr.head_pod("a") == "a-head"
+    with pytest.raises(KubeRayError, match="no running head pod of RayCluster 'c'"):
+        kr.head_pod("c")
+
+
+def test_fake_apiserver_port_forward_through_kubectl(fake_apiserver, tmp_path, monkeypatch):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    record = tmp_path / "kubectl-args"
+    fake = tmp_path / "kubectl"
+    # Prints what kubectl port-forward prints for `:PORT` arguments (a random local port each), then blocks.
+    fake.write_text(f"""#!{sys.executable}
+import os, sys, time
+open({str(record)!r}, "w").write(str(os.getpid()) + "\\n" + " ".join(sys.argv[1:]))
+for a in sys.argv[1:]:
+    if a.startswith(":"):
+        print(f"Forwarding from 127.0.0.1:{{40000 + int(a[1:]) % 10000}} -> {{a[1:]}}", flush=True)
+        print(f"Forwarding from [::1]:{{40000 + int(a[1:]) % 10000}} -> {{a[1:]}}", flush=True)
+time.sleep(60)
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    conn = _cluster(fake_apiserver).connect(port_forward="kubectl")
+    pid, args = record.read_text().split("\n")
+    assert args == f"port-forward --address 127.0.0.1 -n {NS} svc/nb-head-svc :8265 :8000 :10001"
+    assert (conn.how, conn.dashboard_url, conn.serve_url, conn.client_address) == (
+        "port-forward",
+        "http://127.0.0.1:48265",
+        "http://127.0.0.1:48000",
+        "ray://127.0.0.1:40001",
+    )
+    conn.close()
+    conn.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)
+
+
+def test_fake_apiserver_kubectl_failure_shows_its_stderr(fake_apiserver, tmp_path, monkeypatch):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    fake = tmp_path / "kubectl"
+    fake.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.stderr.write('error: services \"nb-head-svc\" not found')\nsys.exit(1)\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(KubeRayError, match=r"exited with 1: error: services \"nb-head-svc\" not found"):
+        _cluster(fake_apiserver).connect(port_forward="kubectl")
+
+
+def test_fake_apiserver_client_port_forward_listens_locally_until_closed(fake_apiserver, monkeypatch):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    fake_apiserver.core.create_namespaced_pod(
+        NS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "nb-head-0", "labels": {"ray.io/cluster": "nb", "ray.io/node-type": "head"}},
+            "spec": {"containers": []},
+        },
+    )
+    fake_apiserver.core.patch_namespaced_pod_status("nb-head-0", NS, {"status": {"phase": "Running"}})
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    conn = _cluster(fake_apiserver).connect(port_forward="client")
+    port = int(conn.dashboard_url.rsplit(":", 1)[1])
+    assert conn.how == "port-forward" and conn.dashboard_url.startswith("http://127.0.0.1:")
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    conn.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_fake_apiserver_token_comes_from_a_secret_or_the_environment(fake_apiserver, monkeypatch):
+    fake_apiserver.core.create_namespaced_secret(
+        NS,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "ray-token"},
+            "data": {"auth_token": base64.b64encode(b"s3cret\n").decode()},
+        },
+    )
+    kr = _cluster(fake_apiserver)
+    assert kr.auth_token("ray-token") == "s3cret"
+    with pytest.raises(KubeRayError, match=r"secret team-a/ray-token has no key 'token' \(keys: auth_token\)"):
+        kr.auth_token("ray-token", key="token")
+    with pytest.raises(KubeRayError, match=r"secret 'absent' not found in namespace 'team-a'"):
+        kr.auth_token("absent")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert kr.auth_token() == "from-env"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    assert kr.auth_token() is None
+
+
+def test_version_skew_is_refused_with_both_versions():
+    check_version_skew("2.60.0", "3.11", local_ray="2.60.0", local_python="3.11.7")
+    check_version_skew(None, None, local_ray="2.60.0", local_python="3.11.7")
+    with pytest.raises(
+        KubeRayError,
+        match=r"Ray 2\.59\.1 on the cluster but 2\.60\.0 here; Python 3\.10 on the cluster but 3\.11\.7 here",
+    ):
+        check_version_skew("2.59.1", "3.10", local_ray="2.60.0", local_python="3.11.7")
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        ("rayproject/ray:2.60.0-py311-gpu", ("2.60.0", "3.11")),
+        ("registry:5000/rayproject/ray:2.60.0-py39", ("2.60.0", "3.9")),
+        ("registry:5000/llmserve-nb", (None, None)),
+        ("llmserve-nb:0.1.0-gpu", (None, None)),
+        ("rayproject/ray", (None, None)),
+    ],
+)
+def test_versions_from_image_tags(image, expected):
+    assert versions_from_image(image) == expected
+
+
+def test_fake_apiserver_connect_kuberay_waits_then_refuses_a_version_skew(fake_apiserver, monkeypatch):
+    import ray
+
+    old = {**RC_SPEC, "rayVersion": "2.9.3"}
+    fake_apiserver.add_cr("RayCluster", "nb", old, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with pytest.raises(KubeRayError, match=rf"version skew: Ray 2\.9\.3 on the cluster but {ray.__version__} here"):
+        connect_kuberay("nb", NS, timeout_s=1, api_client=fake_apiserver.api)
+    with connect_kuberay("nb", NS, timeout_s=1, api_client=fake_apiserver.api, check_versions=False) as conn:
+        assert conn.how == "in-cluster-dns" and conn.ray_version == "2.9.3"
+
+
+def test_fake_apiserver_reached_through_a_kubeconfig_with_its_namespace(fake_apiserver, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{fake_apiserver.url}"}}}}]
+users: [{{name: me, user: {{token: abc}}}}]
+contexts:
+- {{name: other, context: {{cluster: fake, user: me, namespace: elsewhere}}}}
+- {{name: team, context: {{cluster: fake, user: me, namespace: {NS}}}}}
+current-context: other
+""")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    assert KubeRayCluster("nb").namespace == "elsewhere"
+    kr = KubeRayCluster("nb", context="team")
+    assert kr.namespace == NS and kr.readiness()[0] is True

@@ -1,0 +1,42 @@
+"""notebooks/03_benchmark.ipynb end to end through papermill; its results come back from the `results` cell."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_benchmark.ipynb"
+
+
+def _tagged_json(nb, tag: str) -> dict:
+    for cell in nb.cells:
+        if tag in cell.get("metadata", {}).get("tags", []):
+            for out in cell.get("outputs", []):
+                if "application/json" in out.get("data", {}):
+                    return out["data"]["application/json"]
+    raise AssertionError(f"no application/json output in a cell tagged {tag!r}")
+
+
+@pytest.mark.notebook
+def test_benchmark_notebook_runs_and_reports(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    papermill = pytest.importorskip("papermill")
+
+    params = {"num_requests": 2, "max_tokens": 8, "concurrency": [1, 2], "level_duration_s": 120.0,
+              "compare": {"batch 4": {"batching.max_batch_size": 4}, "off": {"batching.max_batch_size": 1}}}
+    out = tmp_path / "03_benchmark.out.ipynb"
+    papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path),
+                               progress_bar=False)
+    results = _tagged_json(nbformat.read(out, as_version=4), "results")
+
+    sweep = results["sweep"]
+    assert [row["concurrency"] for row in sweep] == [1, 2]
+    for row in sweep:
+        assert row["errors"] == 0 and row["incomplete"] == 0 and row["completed"] == 2
+        assert row["output_tok_per_s"] > 0 and row["ttft_ms_p50"] > 0
+        assert row["mean_output_tokens"] == 8  # ignore_eos honoured: every request ran to max_tokens
+    compare = results["compare"]
+    assert [(r["label"], r["concurrency"]) for r in compare] == [("batch 4", 1), ("batch 4", 2), ("off", 1), ("off", 2)]
+    assert all(r["errors"] == 0 for r in compare)
+    assert compare[0]["output_tok_per_s_ratio"] == pytest.approx(1.0)
+    assert (tmp_path / "runs" / "03_benchmark" / "report.json").is_file()
