@@ -389,6 +389,37 @@ class AppHandle:
         r.raise_for_status()
         return r.json()
 
+    def burst(self, n: int = 16, max_tokens: int = 32, prompt: str = "Tell me a story about a lighthouse.") -> dict[str, Any]:
+        """Send `n` completions at once and report the batches the replica formed for them.
+
+        The histogram is the difference of the replica's counters before and after, so it is exact
+        for a single replica and quiet traffic (each replica keeps its own counters).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i: int) -> float:
+            t0 = time.perf_counter()
+            self.complete(f"{prompt} ({i})", max_tokens=max_tokens, ignore_eos=True)
+            return time.perf_counter() - t0
+
+        before = self.stats()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            latencies = sorted(pool.map(one, range(n)))
+        wall = time.perf_counter() - t0
+        after = self.stats()
+        hist = {k: v - before["batch_size_histogram"].get(k, 0) for k, v in after["batch_size_histogram"].items()}
+        hist = {k: v for k, v in sorted(hist.items(), key=lambda kv: int(kv[0])) if v}
+        return {
+            "requests": n,
+            "wall_s": round(wall, 3),
+            "output_tok_per_s": round(n * max_tokens / wall, 1),
+            "latency_p50_s": round(latencies[n // 2], 3),
+            "latency_max_s": round(latencies[-1], 3),
+            "batch_size_histogram": hist,
+            "max_batch_size_seen": max((int(k) for k in hist), default=0),
+        }
+
     def _repr_html_(self) -> str:
         try:
             st = self.status()
@@ -418,21 +449,29 @@ def _start_local(num_cpus: int | None, dashboard_port: int | None, serve_port: i
     global _local
     if _local is not None and ray.is_initialized():
         return _local
-    dport = dashboard_port or _free_port(DASHBOARD_PORT)
     sport = serve_port or _free_port(SERVE_PORT)
-    ctx = ray.init(
-        # "local" always starts a fresh cluster; plain ray.init() would silently attach to whatever
-        # `ray start` left running on this machine.
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dport,
-        namespace="llmserve_nb",
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    for attempt in range(3):
+        # Between our probe and the dashboard's bind another process can take the port: retry elsewhere.
+        dport = dashboard_port or _free_port(DASHBOARD_PORT if attempt == 0 else 0)
+        try:
+            ctx = ray.init(
+                # "local" always starts a fresh cluster; plain ray.init() would silently attach to
+                # whatever `ray start` left running on this machine.
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dport,
+                namespace="llmserve_nb",
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+            )
+            break
+        except Exception as e:
+            ray.shutdown()
+            if dashboard_port or "address already in use" not in str(e) or attempt == 2:
+                raise ClusterError(f"could not start the embedded Ray: {str(e)[-800:]}") from None
     # Ray 2.60 turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise, and
     # records its choice in os.environ (inherited by workers and `ray start --address` children).
     # Read the outcome rather than guessing, and send the same token Ray itself uses.
@@ -460,17 +499,51 @@ def _wait_dashboard(cluster: Cluster, timeout_s: float = 60.0) -> None:
         except ClusterError:
             if time.monotonic() > deadline:
                 raise
+            time.sleep(0.5)
+
+
+def _connect_kuberay(
+    name: str, namespace: str | None, kind: str, token: str | None, token_secret: str | None,
+    port_forward: str, timeout_s: float, check_version: bool, api_client: Any,
+) -> Cluster:
+    from llmserve_nb.kuberay import KubeRayCluster, check_version_skew
+
+    kr = KubeRayCluster(name, namespace, kind=kind, api_client=api_client)  # type: ignore[arg-type]
+    kr.wait_ready(timeout_s=timeout_s, progress=print)
+    if check_version:
+        check_version_skew(*kr.versions())
+    token = token or kr.auth_token(token_secret)
+    conn = kr.connect(port_forward=port_forward)  # type: ignore[arg-type]
+    print(f"connected to {kr.namespace}/{conn.cluster_name} via {conn.how}: dashboard {conn.dashboard_url}")
+    if conn.serve_url is None:
+        conn.close()
+        raise ClusterError(f"head service of {kr.namespace}/{conn.cluster_name} exposes no 'serve' port (8000)")
+    cluster = Cluster(conn.dashboard_url, conn.serve_url, kind="kuberay", how=conn.how, token=token,
+                      on_close=conn.close)
+    try:
+        cluster.version()
+    except ClusterError:
+        conn.close()
+        raise
+    return cluster
 
 
 def connect(
     address: str | None = None,
     *,
+    kuberay: str | None = None,
+    namespace: str | None = None,
+    kind: str = "auto",
     serve_url: str | None = None,
     token: str | None = None,
+    token_secret: str | None = None,
+    port_forward: str = "auto",
     num_cpus: int | None = None,
     dashboard_port: int | None = None,
     serve_port: int | None = None,
+    timeout_s: float = 600.0,
     check_version: bool = True,
+    api_client: Any = None,
 ) -> Cluster:
     """Connect to where the model runs.
 
@@ -478,7 +551,16 @@ def connect(
     - `connect(address="http://host:8265")`: an existing cluster's dashboard; Serve at `serve_url`
       (default: same host, port 8000). `"ray://host:10001"` is mapped to that host's dashboard:
       deploys go through the Serve REST API, not Ray Client.
+    - `connect(kuberay="name", namespace="ns")`: a KubeRay RayCluster or RayService (its active
+      cluster), read through the Kubernetes API; waits until ready, then reaches the head service
+      by in-cluster DNS inside a pod, or through a port-forward outside. Token auth: `token=`,
+      `$RAY_AUTH_TOKEN`, or `token_secret=` (a Secret in that namespace, key `auth_token`).
     """
+    if address is not None and kuberay is not None:
+        raise ClusterError("give either address= or kuberay=, not both")
+    if kuberay is not None:
+        return _connect_kuberay(kuberay, namespace, kind, token, token_secret, port_forward, timeout_s,
+                                check_version, api_client)
     if address is None:
         return _start_local(num_cpus, dashboard_port, serve_port)
     url = urlparse(address if "://" in address else f"http://{address}")

@@ -68,7 +68,7 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(8.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    look_back_period_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=10.0, description="Must exceed Serve's 10 s metrics interval.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -87,6 +87,9 @@ class DeploymentConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0, le=512)
     num_gpus: float = Field(0.0, ge=0, le=64, description="Fractions (0.5, 0.25) pack replicas on one GPU.")
     accelerator_type: str | None = Field(None, description="e.g. 'A10G'; Ray schedules only on such nodes.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. {'node2': 0.1} to pin to a node group."
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, le=100000, description="None = 2 x max_batch_size, so one batch can fill while one runs."
     )
@@ -141,6 +144,8 @@ class AppConfig(_Strict):
             opts["num_gpus"] = d.num_gpus
         if d.accelerator_type:
             opts["accelerator_type"] = d.accelerator_type
+        if d.resources:
+            opts["resources"] = dict(d.resources)
         return opts
 
     def deployment_options(self) -> dict[str, Any]:

@@ -1,0 +1,191 @@
+"""Run the notebooks headless (papermill), read back their results, and keep them clean.
+
+Notebooks publish what tests and pipelines check as one `application/json` output in a cell
+tagged `results` (`emit_results`); `read_results` gets it back from an executed copy with nbformat,
+so nobody parses printed tables. Executed copies go under the git-ignored `runs/<timestamp>/`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RESULTS_TAG",
+    "check_clean",
+    "emit_results",
+    "plot_batch_sizes",
+    "read_results",
+    "run_notebook",
+    "run_notebooks",
+]
+
+RESULTS_TAG = "results"
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# The main job: what `make demo` runs, in order. Each notebook starts and stops its own embedded Ray.
+DEFAULT_NOTEBOOKS = ("00_quickstart", "01_connect_cluster", "03_benchmark")
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def emit_results(data: dict[str, Any]) -> None:
+    """Display `data` as an application/json output (call it in the cell tagged `results`)."""
+    from IPython.display import display
+
+    display({"application/json": json.loads(json.dumps(data, default=_jsonable))}, raw=True)
+
+
+def plot_batch_sizes(histogram: dict[str, int], max_batch_size: int | None = None, ax=None):
+    """Bar chart of how many batches of each size a replica formed (from `AppHandle.burst`/`stats`)."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 3))[1]
+    sizes = sorted(int(k) for k in histogram)
+    ax.bar([str(s) for s in sizes], [histogram[str(s)] for s in sizes], color="tab:blue")
+    ax.set_xlabel("batch size formed")
+    ax.set_ylabel("batches")
+    title = "dynamic batching"
+    ax.set_title(f"{title} (max_batch_size={max_batch_size})" if max_batch_size else title)
+    return ax
+
+
+def read_results(path: str | Path, tag: str = RESULTS_TAG) -> dict[str, Any]:
+    """Merge the application/json outputs of the cells tagged `tag` in an executed notebook."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    found: dict[str, Any] = {}
+    tagged = [c for c in nb.cells if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
+    if not tagged:
+        raise ValueError(f"{path}: no code cell tagged {tag!r}")
+    for cell in tagged:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                raise RuntimeError(f"{path}: the {tag!r} cell failed: {out.get('ename')}: {out.get('evalue')}")
+            data = out.get("data", {}).get("application/json")
+            if isinstance(data, dict):
+                found.update(data)
+    if not found:
+        raise ValueError(f"{path}: the cells tagged {tag!r} have no application/json output (not executed?)")
+    return found
+
+
+def check_clean(paths: list[Path] | None = None) -> list[str]:
+    """Problems that must not be committed: outputs, execution counts, no `parameters` cell first."""
+    import nbformat
+
+    problems = []
+    for path in paths or sorted(NOTEBOOK_DIR.glob("*.ipynb")):
+        nb = nbformat.read(str(path), as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        if not code or "parameters" not in code[0].metadata.get("tags", []):
+            problems.append(f"{path.name}: the first code cell must be tagged 'parameters' (papermill)")
+        for i, c in enumerate(code):
+            if c.get("outputs") or c.get("execution_count") is not None:
+                problems.append(f"{path.name}: code cell {i} has outputs/execution count; clear them before committing")
+        if nb.metadata.get("widgets"):
+            problems.append(f"{path.name}: saved widget state in metadata; clear it")
+    return problems
+
+
+def run_notebook(
+    name: str | Path, out_dir: str | Path, parameters: dict[str, Any] | None = None, *,
+    kernel: str = "python3", html: bool = True, timeout_s: int = 1800,
+) -> Path:
+    """Execute one notebook with papermill into `out_dir`; returns the executed copy's path."""
+    import papermill as pm
+
+    src = Path(name)
+    if not src.suffix:
+        src = NOTEBOOK_DIR / f"{name}.ipynb"
+    if not src.is_file():
+        raise FileNotFoundError(f"notebook {src} not found")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / src.name
+    pm.execute_notebook(
+        str(src), str(out), parameters=parameters or {}, kernel_name=kernel, cwd=str(src.parent),
+        execution_timeout=timeout_s, progress_bar=False, log_output=False,
+    )
+    if html:
+        _export_html(out)
+    return out
+
+
+def _export_html(path: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(path), as_version=4))
+    html_path = path.with_suffix(".html")
+    html_path.write_text(body)
+    return html_path
+
+
+def run_notebooks(
+    names: list[str] | None = None, out_root: str | Path = "runs", parameters: dict[str, Any] | None = None,
+    *, kernel: str = "python3", html: bool = True,
+) -> Path:
+    """Run the notebooks in order into `out_root/<timestamp>/`; stops at the first failure."""
+    out_dir = Path(out_root) / time.strftime("%Y%m%d-%H%M%S")
+    for name in names or DEFAULT_NOTEBOOKS:
+        t0 = time.monotonic()
+        print(f"running {name} ...", flush=True)
+        try:
+            out = run_notebook(name, out_dir, parameters, kernel=kernel, html=html)
+        except Exception as e:
+            # papermill has already saved the partially executed copy, which shows the failing cell.
+            raise RuntimeError(f"{name} failed after {time.monotonic() - t0:.0f}s; see {out_dir / Path(name).name}.ipynb\n{e}") from None
+        print(f"  done in {time.monotonic() - t0:.0f}s -> {out}", flush=True)
+    return out_dir
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("run-notebooks", help="execute the notebooks headless with papermill into runs/<timestamp>/")
+    p.add_argument("names", nargs="*", help=f"notebook names (default: {' '.join(DEFAULT_NOTEBOOKS)})")
+    p.add_argument("--out", default="runs", help="parent folder of the timestamped output folder")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=JSON",
+                   help="papermill parameter override, value parsed as JSON when possible (repeatable)")
+    p.add_argument("--no-html", action="store_true", help="skip the HTML export")
+    p.set_defaults(func=_cli_run)
+    c = subparsers.add_parser("check-notebooks", help="fail if a committed notebook has outputs or lacks a parameters cell")
+    c.add_argument("paths", nargs="*", type=Path)
+    c.set_defaults(func=_cli_check)
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    params = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def _cli_run(args) -> int:
+    try:
+        out_dir = run_notebooks(args.names or None, args.out, _parse_params(args.param), html=not args.no_html)
+    except (RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"executed notebooks and HTML exports are in {out_dir}/")
+    return 0
+
+
+def _cli_check(args) -> int:
+    problems = check_clean(args.paths or None)
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0

@@ -1,0 +1,208 @@
+"""A real two-node Ray cluster on this machine, started with `ray start` like a KubeRay head and worker pod.
+
+The head takes the ports a KubeRay head Service exposes (6379 GCS, 8265 dashboard, 10001 client, 8000 Serve)
+where they are free, else ephemeral ones. Token auth is on, with a token made here and handed to both nodes
+through the environment: the same mode and token everywhere, whatever `~/.ray/auth_token` holds.
+
+Never `ray stop`: it kills every Ray on the machine, other people's included. Everything started here is
+found again by its temp dir (in the daemons' command lines) plus their descendants, and stopped by PID.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import psutil
+
+HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
+WORKER_RESOURCE = "node2"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class RayClusterError(RuntimeError):
+    """The test cluster did not come up (the message carries the `ray start` output and log tails)."""
+
+
+@dataclass
+class RayTestCluster:
+    temp_dir: Path
+    token: str
+    ports: dict[str, int]
+    env: dict[str, str] = field(repr=False)
+    head_node_id: str = ""
+    worker_node_id: str = ""
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard']}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['serve']}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.ports['gcs']}"
+
+    def processes(self) -> list[psutil.Process]:
+        return ray_processes(self.temp_dir)
+
+
+def _pick_ports(preferred: dict[str, int]) -> dict[str, int]:
+    """Each preferred port if it is free on all interfaces (Ray binds 0.0.0.0), else an ephemeral one."""
+    with ExitStack() as held:  # hold every socket until all are picked, so no two names get the same port
+        ports = {}
+        for name, port in preferred.items():
+            for candidate in (port, 0):
+                s = held.enter_context(socket.socket())
+                try:
+                    s.bind(("0.0.0.0", candidate))
+                except OSError:
+                    continue
+                ports[name] = s.getsockname()[1]
+                break
+        return ports
+
+
+def ray_processes(temp_dir: Path) -> list[psutil.Process]:
+    """Ray daemons whose command line names `temp_dir`, and all their descendants.
+
+    Workers rename themselves (`ray::IDLE`, `ray::ServeReplica...`), so they are found as the raylet's children.
+    """
+    found: dict[int, psutil.Process] = {}
+    needle = str(temp_dir)
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(needle in arg for arg in p.info["cmdline"] or ()):
+                found[p.pid] = p
+                for child in p.children(recursive=True):
+                    found[child.pid] = child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _ray_start(args: list[str], env: dict[str, str], timeout_s: float) -> None:
+    # `ray start` daemonizes its processes and returns; its own output explains a failure.
+    r = subprocess.run([RAY, "start", *args], env=env, capture_output=True, text=True, timeout=timeout_s)
+    if r.returncode != 0:
+        raise RayClusterError(f"`ray start {' '.join(args)}` exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def _alive_nodes(c: RayTestCluster) -> list[dict]:
+    r = httpx.get(f"{c.dashboard_url}/api/v0/nodes", params={"detail": "true", "limit": 100},
+                  headers={"Authorization": f"Bearer {c.token}"}, timeout=10.0)
+    r.raise_for_status()
+    return [n for n in r.json()["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+
+
+def _wait_nodes(c: RayTestCluster, count: int, timeout_s: float) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer from the dashboard yet"
+    while time.monotonic() < deadline:
+        try:
+            nodes = _alive_nodes(c)
+            if len(nodes) >= count:
+                return nodes
+            last = f"{len(nodes)} node(s) ALIVE"
+        except (httpx.HTTPError, KeyError) as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(1.0)
+    raise RayClusterError(f"wanted {count} ALIVE node(s) within {timeout_s:.0f}s; last: {last}\n{_log_tails(c.temp_dir)}")
+
+
+def _log_tails(temp_dir: Path, lines: int = 15) -> str:
+    out = []
+    for name in ("gcs_server.err", "raylet.err", "dashboard.err", "dashboard.log"):
+        for path in sorted(temp_dir.glob(f"session_*/logs/{name}")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            if tail:
+                out.append(f"--- {path}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
+def start_cluster(timeout_s: float = 120.0) -> RayTestCluster:
+    """Head (1 CPU) plus one worker (1 CPU, custom resource `node2`), both ALIVE; stop it with `stop_cluster`."""
+    # Short: Ray puts unix sockets under the temp dir, and their paths are limited to ~107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="lsnb-", dir="/tmp"))
+    ports = _pick_ports({**HEAD_PORTS, "head_agent": 0, "worker_agent": 0})
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    c = RayTestCluster(temp_dir=temp_dir, token=token, ports=ports, env=env)
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(200 * 2**20),
+              "--disable-usage-stats"]
+    try:
+        _ray_start([
+            "--head", *common, "--temp-dir", str(temp_dir), "--port", str(ports["gcs"]),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
+            "--ray-client-server-port", str(ports["client"]),
+            # The agent's default HTTP port (52365) is fixed: two nodes on one machine would collide on it.
+            "--dashboard-agent-listen-port", str(ports["head_agent"]),
+        ], env, timeout_s)
+        head = _wait_nodes(c, 1, timeout_s)[0]
+        _ray_start([
+            "--address", c.gcs_address, *common, "--resources", json.dumps({WORKER_RESOURCE: 1}),
+            "--dashboard-agent-listen-port", str(ports["worker_agent"]),
+        ], env, timeout_s)
+        nodes = _wait_nodes(c, 2, timeout_s)
+    except BaseException:
+        stop_cluster(c)
+        raise
+    c.head_node_id = head["node_id"]
+    c.worker_node_id = next(n["node_id"] for n in nodes if WORKER_RESOURCE in n.get("resources_total", {}))
+    return c
+
+
+@contextmanager
+def running_cluster(timeout_s: float = 120.0) -> Iterator[RayTestCluster]:
+    c = start_cluster(timeout_s)
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+
+
+def stop_cluster(c: RayTestCluster, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, every process of this cluster; raise if any survives. Removes the temp dir."""
+    procs = c.processes()
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    # gcs_server lingers for ~15 s after SIGTERM, waiting for raylets that are already gone; no state to save.
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    # Processes that forked while we were stopping the others (a raylet restarting a worker).
+    left = [desc for desc in map(_describe_live, c.processes()) if desc]
+    if left:
+        raise RayClusterError(f"processes of the test cluster in {c.temp_dir} survived SIGKILL: {left}")
+    shutil.rmtree(c.temp_dir, ignore_errors=True)
+
+
+def _describe_live(p: psutil.Process) -> str | None:
+    """'pid name' of a process that still runs; None once it is gone or a zombie (nothing left to stop)."""
+    try:
+        return None if p.status() == psutil.STATUS_ZOMBIE else f"{p.pid} {p.name()}"
+    except psutil.NoSuchProcess:
+        return None

@@ -1,0 +1,112 @@
+"""notebooks/01_connect_cluster.ipynb through papermill: against the embedded default and a real two-node Ray.
+
+Results come back from the `results` cell's application/json output; nbval then re-executes the papermill
+output the way a notebook CI job would.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmserve_nb import k8s
+from ray_cluster import WORKER_RESOURCE, RayTestCluster, running_cluster
+
+nbformat = pytest.importorskip("nbformat")
+papermill = pytest.importorskip("papermill")
+
+pytestmark = pytest.mark.notebook
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_connect_cluster.ipynb"
+
+
+def _run(out_dir: Path, **params) -> nbformat.NotebookNode:
+    out = out_dir / NOTEBOOK.name
+    papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, kernel_name="python3", cwd=str(out_dir),
+                               progress_bar=False)
+    return nbformat.read(out, as_version=4)
+
+
+def _tagged_json(nb, tag: str) -> dict:
+    for cell in nb.cells:
+        if tag in cell.get("metadata", {}).get("tags", []):
+            for out in cell.get("outputs", []):
+                if "application/json" in out.get("data", {}):
+                    return out["data"]["application/json"]
+    raise AssertionError(f"no application/json output in a cell tagged {tag!r}")
+
+
+def _stream_text(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def _rendered_objects() -> list[dict]:
+    # The notebook validates the rendered k8s/ tree plus one RayService carrying its own config.
+    docs = [d for docs in k8s.render_manifests().values() for d in docs]
+    return [k8s.cpu_rayservice()] + [d for d in docs if isinstance(d, dict) and "apiVersion" in d]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("nb01-local")
+    _run(out_dir)
+    return out_dir / NOTEBOOK.name
+
+
+def test_local_embedded_ray(local_run: Path):
+    results = _tagged_json(nbformat.read(local_run, as_version=4), "results")
+    assert results["target"] == "local"
+    assert results["nodes"] == 1 and results["cpus"] >= 1 and results["gpus"] == 0
+    assert results["app_nodes"] == results["node_ids"]
+    assert "Paris" in results["answer"], results["answer"]
+    assert results["manifest_errors"] == [] and results["manifests_not_validated"] == []
+    assert results["manifests_validated"] == len(_rendered_objects())
+
+
+def test_nbval_reexecutes_the_local_run(local_run: Path):
+    # A fresh pytest: nbval starts its own kernel, and the repo's pytest options don't apply to a tmp dir.
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", str(local_run)],
+        cwd=local_run.parent, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, f"nbval failed (exit {r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with running_cluster() as c:
+        yield c
+
+
+@pytest.mark.ray
+def test_address_target_on_two_node_cluster_without_crds(ray_cluster: RayTestCluster, tmp_path):
+    nb = _run(
+        tmp_path, target="address", address=ray_cluster.dashboard_url, serve_url=ray_cluster.serve_url,
+        token=ray_cluster.token, overrides={"deployment.resources": {WORKER_RESOURCE: 0.01}, "deployment.num_cpus": 0.5},
+        crds=str(tmp_path / "no-crds-here"),
+    )
+    results = _tagged_json(nb, "results")
+    assert results["target"] == "address"
+    assert results["nodes"] == 2 and results["cpus"] == 2
+    assert sorted(results["node_ids"]) == sorted([ray_cluster.head_node_id[:12], ray_cluster.worker_node_id[:12]])
+    assert results["app_nodes"] == [ray_cluster.worker_node_id[:12]], "the replica ignored its node2 resource"
+    assert "Paris" in results["answer"], results["answer"]
+
+    # Without CRDs the ray.io objects are reported, not validated; the core kinds still are.
+    objects = _rendered_objects()
+    ray_objects = [o for o in objects if o["apiVersion"].startswith("ray.io/")]
+    assert sorted((r["kind"], r["name"]) for r in results["manifests_not_validated"]) == sorted(
+        (o["kind"], o["metadata"]["name"]) for o in ray_objects
+    )
+    assert results["manifests_validated"] == len(objects) - len(ray_objects)
+    assert results["manifest_errors"] == []
+    assert "KubeRay CRDs not found" in _stream_text(nb)
+
+    # The teardown cell removed the app it deployed.
+    apps = httpx.get(f"{ray_cluster.dashboard_url}/api/serve/applications/",
+                     headers={"Authorization": f"Bearer {ray_cluster.token}"}, timeout=30).json()
+    assert not apps.get("applications"), apps.get("applications")

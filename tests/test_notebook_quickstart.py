@@ -1,0 +1,40 @@
+"""The quickstart notebook, run headless exactly as CI and `make demo` run it (papermill), then nbval."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from llmserve_nb.notebooks import check_clean, read_results, run_notebook
+
+
+def test_committed_notebooks_are_clean():
+    """nbdev-style gate: no stale outputs in git, and papermill's `parameters` cell comes first."""
+    assert check_clean() == []
+
+
+@pytest.fixture(scope="module")
+def executed_quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return run_notebook("00_quickstart", out, {"burst_size": 8, "max_tokens": 24}, html=True)
+
+
+@pytest.mark.notebook
+def test_quickstart_results(executed_quickstart):
+    res = read_results(executed_quickstart)
+    assert "Paris" in res["answer"]
+    assert res["streamed"] == res["answer"]
+    assert res["burst"]["requests"] == 8
+    assert res["burst"]["max_batch_size_seen"] > 1, res["burst"]
+    assert executed_quickstart.with_suffix(".html").stat().st_size > 10_000
+
+
+@pytest.mark.notebook
+def test_quickstart_passes_nbval(executed_quickstart):
+    # nbval re-executes the notebook; the papermill output carries the injected parameters.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", str(executed_quickstart)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -1,0 +1,128 @@
+"""The Serve app end to end: a real embedded Ray, real HTTP, the official `openai` client."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import API_KEY
+
+pytestmark = pytest.mark.ray
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_completion(openai_client, app):
+    r = openai_client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=32)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_and_prompt_list(openai_client, app):
+    r = openai_client.completions.create(model=app.model, prompt="The capital of France is", temperature=0, max_tokens=8)
+    assert r.choices[0].text.strip() and r.usage.completion_tokens <= 8
+    many = openai_client.completions.create(model=app.model, prompt=["One", "Two", "Three"], temperature=0, max_tokens=4)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+
+
+def test_streaming_matches_non_streaming_and_reports_usage(openai_client, app):
+    plain = openai_client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=32)
+    chunks = list(openai_client.chat.completions.create(
+        model=app.model, messages=QUESTION, temperature=0, max_tokens=32, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completion_stream_ends_with_done(app):
+    body = {"model": app.model, "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_generate_models_health(app):
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{app.base_url}/generate", json={"prompt": "The capital of France is", "max_new_tokens": 8}, headers=h, timeout=120)
+    assert r.status_code == 200 and r.json()["generated_text"]
+    assert httpx.get(f"{app.base_url}/v1/models", headers=h).json()["data"][0]["id"] == app.model
+    assert httpx.get(f"{app.base_url}/health").json() == {"status": "ok", "model": app.model}
+    assert "/v1/chat/completions" in httpx.get(f"{app.base_url}/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, fragment",
+    [
+        ("/generate", {"prompt": "hi", "max_new_tokens": 999}, 400, "max_new_tokens: Input should be less than or equal to 256"),
+        ("/generate", {"prompt": "", "max_new_tokens": 5}, 400, "prompt"),
+        ("/generate", {"max_new_tokens": 5}, 400, "prompt: Field required"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": QUESTION, "n": 2}, 400, "n: Input should be less than or equal to 1"),
+        ("/v1/chat/completions", {"messages": QUESTION, "temperature": 5}, 400, "temperature"),
+        ("/v1/chat/completions", {"messages": QUESTION, "model": "gpt-4"}, 404, "'gpt-4' is not served here"),
+        ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 100000}, 400, "exceeds this server's limit"),
+        ("/v1/completions", {"prompt": "word " * 3000, "max_tokens": 10}, 400, "exceeds the context length"),
+        ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "single prompt"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(app, path, body, status, fragment):
+    r = httpx.post(f"{app.base_url}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+def test_bad_json_is_400(app):
+    r = httpx.post(f"{app.base_url}/v1/chat/completions", content=b'{"messages": [', timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_wrong_api_key_is_401(app):
+    bad = openai.OpenAI(base_url=f"{app.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="invalid or missing API key"):
+        bad.chat.completions.create(model=app.model, messages=QUESTION, max_tokens=4)
+
+
+def test_concurrent_requests_are_batched(app):
+    burst = app.burst(n=12, max_tokens=16)
+    assert burst["max_batch_size_seen"] > 1, burst
+    assert sum(int(k) * v for k, v in burst["batch_size_histogram"].items()) == 12
+
+
+def test_batched_answers_equal_sequential_answers(app):
+    prompts = [f"Write one sentence about the number {i}." for i in range(6)]
+    alone = [app.chat(p, max_tokens=20) for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda p: app.chat(p, max_tokens=20), prompts))
+    assert together == alone
+
+
+def test_reconfigure_is_live_without_restarting_the_replica(app):
+    before = app.stats()
+    app.reconfigure(max_batch_size=4, batch_wait_timeout_s=0.05)
+    after = app.stats()
+    assert after["replica"] == before["replica"]
+    assert after["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
+    assert after["max_ongoing_requests"] == 8
+    burst = app.burst(n=8, max_tokens=8)
+    assert burst["max_batch_size_seen"] <= 4
+    app.reconfigure(max_batch_size=8, batch_wait_timeout_s=0.1)
+
+
+def test_cluster_tables(cluster, app):
+    assert cluster.nodes()[0]["CPU"] >= 1
+    row = next(r for r in cluster.applications() if r["app"] == app.name)
+    assert row["app_status"] == "RUNNING" and row["running_replicas"] == 1
+    assert app.name in app._repr_html_() or app.model in app._repr_html_()
