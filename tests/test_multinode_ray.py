@@ -28,20 +28,21 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_cluster: RayTestCluster):
+def remote(ray_cluster: RayTestCluster):
+    """The test cluster as a notebook sees it (named apart from conftest's embedded `cluster`)."""
     conn = connect(address=ray_cluster.dashboard_url, serve_url=ray_cluster.serve_url, token=ray_cluster.token)
     yield conn
     conn.shutdown()
 
 
-def test_connect_sees_head_and_worker(cluster: Cluster, ray_cluster: RayTestCluster):
-    nodes = {n["node_id"]: n for n in cluster.nodes()}
+def test_connect_sees_head_and_worker(remote: Cluster, ray_cluster: RayTestCluster):
+    nodes = {n["node_id"]: n for n in remote.nodes()}
     assert set(nodes) == {ray_cluster.head_node_id[:12], ray_cluster.worker_node_id[:12]}
     head, worker = nodes[ray_cluster.head_node_id[:12]], nodes[ray_cluster.worker_node_id[:12]]
     assert head["head"] and not worker["head"]
     assert all(n["state"] == "ALIVE" and n["CPU"] == 1 and n["GPU"] == 0 for n in nodes.values())
     assert worker["custom"].get(WORKER_RESOURCE) == 1 and WORKER_RESOURCE not in head["custom"]
-    assert cluster.version()["ray_version"] == ray.__version__
+    assert remote.version()["ray_version"] == ray.__version__
 
 
 @pytest.mark.parametrize(("token", "status"), [("not-the-cluster-token", 403), (None, 401)], ids=["wrong-token", "no-token"])
@@ -77,14 +78,14 @@ def test_dead_address_fails_fast_and_clearly():
     assert time.monotonic() - t0 < 5.0
 
 
-def test_deploy_pins_replica_to_worker_and_serves(cluster: Cluster, ray_cluster: RayTestCluster):
+def test_deploy_pins_replica_to_worker_and_serves(remote: Cluster, ray_cluster: RayTestCluster):
     config = AppConfig().with_overrides(**{
         "deployment.resources": {WORKER_RESOURCE: 0.01}, "deployment.num_cpus": 0.5,
         "batching.max_batch_size": 2,
     })
-    handle = cluster.deploy(config, timeout_s=600)
+    handle = remote.deploy(config, timeout_s=600)
     try:
-        [row] = [r for r in cluster.applications() if r["app"] == config.name]
+        [row] = [r for r in remote.applications() if r["app"] == config.name]
         assert row["app_status"] == "RUNNING" and row["running_replicas"] == 1
         assert row["nodes"] == [ray_cluster.worker_node_id[:12]], f"replica not on the worker node: {row}"
 
@@ -96,4 +97,4 @@ def test_deploy_pins_replica_to_worker_and_serves(cluster: Cluster, ray_cluster:
         assert r.json()["generated_text"].strip()
     finally:
         handle.shutdown()
-    assert config.name not in (cluster.serve_details().get("applications") or {})
+    assert config.name not in (remote.serve_details().get("applications") or {})
