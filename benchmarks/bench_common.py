@@ -172,7 +172,9 @@ def pivot_ratios(rows: list[dict], levels: list[int], ref: str, ref_name: str = 
         for c in levels:
             row[f"tok/s c={c}"] = get(label, c, "output_tok_per_s")
         for c in levels:
-            row[f"{ref_name} ÷ it c={c}"] = get(ref, c, "output_tok_per_s") / get(label, c, "output_tok_per_s")
+            theirs = get(label, c, "output_tok_per_s")
+            # A system that completed nothing within the level's duration has no ratio, not a crash.
+            row[f"{ref_name} ÷ it c={c}"] = get(ref, c, "output_tok_per_s") / theirs if theirs else float("nan")
         for c in levels:
             row[f"TTFT p50 ms c={c}"] = get(label, c, "ttft_ms_p50")
         errs = sum(int(at.get((label, c), {}).get("errors", 0) or 0) for c in levels)

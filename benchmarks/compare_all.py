@@ -19,10 +19,11 @@ With `--skip ours` (no Ray), the ratios are engine offline ÷ each system instea
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from bench_common import (
     MODEL_NAME, engine_limit, log, pivot_ratios, server_process, sweep_deployed, sweep_levels,
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
             log(f"skipping {label}: past the {args.budget_minutes:g}-minute budget")
             return
         rows.extend(fn())
-        (out / "rows.json").write_text(json.dumps(bench._json_safe(rows), indent=1))
+        # Saved after every system, so that a failure later in the run keeps what was measured.
+        pd.DataFrame(rows).to_json(out / "rows.json", orient="records", indent=1)
 
     def served(label, url):
         report = sweep_levels(url, wl, levels, args.min_requests, label, model=MODEL_NAME)

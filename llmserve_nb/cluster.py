@@ -78,7 +78,8 @@ class Cluster:
         self.serve_host = serve_host
         self._on_close = on_close
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.dashboard_url, headers=headers, timeout=timeout_s)
+        # A short connect timeout: an address that never answers should fail fast, not after 30 s.
+        self._http = httpx.Client(base_url=self.dashboard_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
         self.handles: dict[str, AppHandle] = {}
 
     # ---- REST ------------------------------------------------------------------------------

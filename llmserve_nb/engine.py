@@ -175,11 +175,11 @@ class HFEngine:
         self.model_name = cfg.model_name
         self.load_timings: dict = {}
         t0 = time.perf_counter()
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        elif cfg.device != "cuda":
-            # Ray sets OMP_NUM_THREADS=num_cpus (often 1) in workers; a CPU replica wants the cores it has.
-            torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        # Ray sets OMP_NUM_THREADS=num_cpus (often 1) in workers; a CPU replica wants the cores it has.
+        self.num_threads = cfg.torch_threads or (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
+        torch.set_num_threads(self.num_threads)
         self.device, self.dtype = _pick_device_dtype(cfg)
 
         source, gguf_file = _resolve_source(cfg)

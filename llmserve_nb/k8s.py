@@ -39,10 +39,12 @@ __all__ = [
     "crd_dir",
     "cpu_rayservice",
     "profile",
+    "rayservice",
     "render_manifests",
     "serve_config_yaml",
     "validate_files",
     "validate_manifest",
+    "validation_report",
     "write_manifests",
 ]
 
@@ -269,6 +271,15 @@ def _rayservice(app: AppConfig, spec: ClusterSpec, name: str) -> dict[str, Any]:
         "metadata": _meta(name, spec, **{"app.kubernetes.io/instance": name}),
         "spec": {"serveConfigV2": serve_config_yaml(app), "rayClusterConfig": _ray_cluster_spec(spec, name)},
     }
+
+
+def rayservice(app: AppConfig, spec: ClusterSpec | None = None, name: str | None = None) -> dict[str, Any]:
+    """A RayService serving any `AppConfig` (its serveConfigV2 is `app.to_serve_config()`).
+
+    Without `spec`, pods are sized for GPUs when the app asks for GPUs, else as the CPU overlay.
+    """
+    spec = spec or (ClusterSpec() if app.deployment.num_gpus else CPU_CLUSTER)
+    return _rayservice(app, spec, name or app.name)
 
 
 def _raycluster(spec: ClusterSpec, name: str) -> dict[str, Any]:
@@ -699,6 +710,25 @@ def validate_manifest(obj: Any, *, crds: str | Path | None = None, k8s_version: 
     if obj["kind"] == "Kustomization":
         return [f"{k}: unknown Kustomization field" for k in sorted(set(obj) - _KUSTOMIZATION_KEYS)]
     return _validate_core(obj, k8s_version)
+
+
+def validation_report(
+    manifests: dict[str, list[Any]], *, crds: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """One row per object (file, kind, name, validated, errors). Missing CRDs mark ray.io objects
+    `validated=False` with the reason, instead of raising, so a notebook can show the rest."""
+    rows = []
+    for path, docs in manifests.items():
+        for doc in docs:
+            if not (isinstance(doc, dict) and "apiVersion" in doc):
+                continue  # e.g. the prometheus-adapter Helm values: not an API object
+            try:
+                errors, validated = validate_manifest(doc, crds=crds), True
+            except ManifestError as e:
+                errors, validated = [str(e)], False
+            rows.append({"file": path, "kind": doc["kind"], "name": doc.get("metadata", {}).get("name", ""),
+                         "validated": validated, "errors": errors})
+    return rows
 
 
 def _kustomize_refs(path: Path, kustomization: dict[str, Any]) -> list[str]:

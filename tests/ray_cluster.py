@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -41,7 +41,6 @@ class RayTestCluster:
     temp_dir: Path
     token: str
     ports: dict[str, int]
-    env: dict[str, str] = field(repr=False)
     head_node_id: str = ""
     worker_node_id: str = ""
 
@@ -143,7 +142,7 @@ def start_cluster(timeout_s: float = 120.0) -> RayTestCluster:
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
-    c = RayTestCluster(temp_dir=temp_dir, token=token, ports=ports, env=env)
+    c = RayTestCluster(temp_dir=temp_dir, token=token, ports=ports)
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(200 * 2**20),
               "--disable-usage-stats"]
     try:
