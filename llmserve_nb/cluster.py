@@ -11,6 +11,7 @@ import html
 import logging
 import os
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -415,7 +416,7 @@ class AppHandle:
             "requests": n,
             "wall_s": round(wall, 3),
             "output_tok_per_s": round(n * max_tokens / wall, 1),
-            "latency_p50_s": round(latencies[n // 2], 3),
+            "latency_p50_s": round(statistics.median(latencies), 3),
             "latency_max_s": round(latencies[-1], 3),
             "batch_size_histogram": hist,
             "max_batch_size_seen": max((int(k) for k in hist), default=0),

@@ -171,8 +171,10 @@ def test_streaming_timings_and_usage(fake):
     for rr in r.results:
         assert rr.tokens_from == "usage" and rr.output_tokens == 8 and rr.input_tokens == 7 and rr.streamed
         assert len(rr.chunk_times_s) == 4
-        assert TTFT - SLACK <= rr.ttft_s < TTFT + 0.25
-        assert all(GAP - SLACK <= g < GAP + 0.1 for g in rr.itl_s)
+        # Lower bounds are the server's real delays; upper bounds only rule out measuring something else
+        # (they are loose because CI shares 2 cores with Ray clusters).
+        assert TTFT - SLACK <= rr.ttft_s < TTFT + 2.0
+        assert all(GAP - SLACK <= g < GAP + 1.0 for g in rr.itl_s)
         assert rr.e2e_s >= TTFT + 3 * GAP - SLACK
         assert rr.tpot_s == pytest.approx((rr.e2e_s - rr.ttft_s) / 7)
     # 4 chunks of 2 tokens: a chunk gap is ~2 token times, so ITL (per chunk) > TPOT (per token).
@@ -285,7 +287,7 @@ def test_open_loop_respects_duration(fake):
             break
         due += 1
     assert len(r.results) == due
-    assert r.duration_s < duration + 0.5
+    assert r.duration_s < duration + 3.0  # loose: a loaded CI machine delays the cut-off, never removes it
 
 
 def test_sweep_report_files_and_ratios(fake, tmp_path):

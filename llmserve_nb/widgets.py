@@ -1,0 +1,231 @@
+"""Live tuning of a deployed app from a notebook: batching and Serve autoscaling, with ipywidgets.
+
+`ServeTuner(app)` shows sliders for the knobs Serve can change without restarting replicas
+(`user_config` batching, autoscaling bounds and target), an Apply button, a load button that drives
+traffic in the background, and a status line plus a replica-count history refreshed while load runs.
+Everything the buttons do is also a method (`set`, `apply`, `run_load`), so papermill runs the same
+code headless.
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ipywidgets as W
+
+from llmserve_nb.cluster import AppHandle, ClusterError
+from llmserve_nb.config import DEPLOYMENT_NAME, AutoscalingConfig, ConfigError
+
+__all__ = ["ServeTuner"]
+
+
+class ServeTuner:
+    """Sliders + Apply for one app; `history` records (seconds, running replicas, ongoing load)."""
+
+    def __init__(self, app: AppHandle, max_replicas_limit: int = 8):
+        self.app = app
+        cfg = app.config
+        auto = cfg.deployment.autoscaling or AutoscalingConfig(
+            min_replicas=cfg.deployment.num_replicas, max_replicas=cfg.deployment.num_replicas
+        )
+        style = {"description_width": "170px"}
+        layout = W.Layout(width="480px")
+        self.max_batch_size = W.IntSlider(cfg.batching.max_batch_size, min=1, max=64, description="max_batch_size",
+                                          style=style, layout=layout)
+        self.batch_wait_timeout_s = W.FloatSlider(cfg.batching.batch_wait_timeout_s, min=0.0, max=0.5, step=0.005,
+                                                  readout_format=".3f", description="batch_wait_timeout_s",
+                                                  style=style, layout=layout)
+        self.autoscaling = W.Checkbox(cfg.deployment.autoscaling is not None, description="Serve autoscaling",
+                                      style=style)
+        self.replicas = W.IntRangeSlider((auto.min_replicas, auto.max_replicas), min=0, max=max_replicas_limit,
+                                         description="min / max replicas", style=style, layout=layout)
+        self.target_ongoing_requests = W.FloatSlider(auto.target_ongoing_requests, min=0.5, max=64, step=0.5,
+                                                     description="target_ongoing_requests", style=style, layout=layout)
+        self.apply_button = W.Button(description="Apply", button_style="primary", icon="check")
+        self.load_concurrency = W.IntSlider(8, min=1, max=64, description="load: concurrent users", style=style,
+                                            layout=layout)
+        self.load_seconds = W.IntSlider(30, min=5, max=300, step=5, description="load: seconds", style=style,
+                                        layout=layout)
+        self.load_button = W.Button(description="Run load", icon="play")
+        self.status = W.HTML()
+        self.history: list[tuple[float, int, int]] = []
+        self._t0 = time.monotonic()
+        self._load_thread: threading.Thread | None = None
+        self.apply_button.on_click(lambda _: self._guarded(self.apply))
+        self.load_button.on_click(lambda _: self._guarded(self.run_load))
+        self.autoscaling.observe(lambda _: self._sync_enabled(), names="value")
+        self._sync_enabled()
+        self.refresh()
+
+    # ---- the knobs -----------------------------------------------------------------------
+    def set(self, **values: Any) -> None:
+        """Set widgets by name, e.g. `set(max_batch_size=4, replicas=(1, 2))`; unknown names are errors."""
+        for name, value in values.items():
+            widget = getattr(self, name, None)
+            if not isinstance(widget, W.ValueWidget):
+                raise ValueError(f"no tuner control named {name!r}")
+            widget.value = value
+
+    def config(self):
+        """The AppConfig the widgets currently describe (validated; errors name the field)."""
+        lo, hi = self.replicas.value
+        changes: dict[str, Any] = {
+            "batching.max_batch_size": self.max_batch_size.value,
+            "batching.batch_wait_timeout_s": round(self.batch_wait_timeout_s.value, 4),
+        }
+        if self.autoscaling.value:
+            base = self.app.config.deployment.autoscaling or AutoscalingConfig(min_replicas=lo, max_replicas=max(hi, 1))
+            changes["deployment.autoscaling"] = base.model_copy(update={
+                "min_replicas": lo, "max_replicas": max(hi, 1), "initial_replicas": None,
+                "target_ongoing_requests": self.target_ongoing_requests.value,
+            }).model_dump()
+        else:
+            changes["deployment.autoscaling"] = None
+            changes["deployment.num_replicas"] = max(hi, 1)
+        if self.app.config.deployment.max_ongoing_requests is not None:
+            # An explicit cap below the new batch size would make the config invalid; raise it with the batch.
+            changes["deployment.max_ongoing_requests"] = max(
+                self.app.config.deployment.max_ongoing_requests, self.max_batch_size.value
+            )
+        return self.app.config.with_overrides(**changes)
+
+    def apply(self) -> None:
+        """Send the new config; Serve reconfigures replicas in place (batching, autoscaling, replica count)."""
+        cfg = self.config()
+        self._show(f"applying {html.escape(_summary(cfg))} …")
+        self.app.update(cfg, progress=None)
+        self.refresh(note="applied")
+
+    # ---- load and status -----------------------------------------------------------------
+    def run_load(self, concurrency: int | None = None, seconds: float | None = None, wait: bool = False,
+                 max_tokens: int = 32) -> None:
+        """Closed-loop load for `seconds` in a background thread, sampling replicas once a second."""
+        if self._load_thread is not None and self._load_thread.is_alive():
+            raise RuntimeError("load is already running")
+        concurrency = concurrency or self.load_concurrency.value
+        seconds = seconds or self.load_seconds.value
+        self._load_thread = threading.Thread(target=self._load, args=(concurrency, seconds, max_tokens), daemon=True)
+        self._load_thread.start()
+        if wait:
+            self._load_thread.join()
+
+    def wait_for_replicas(self, count: int, timeout_s: float = 120.0) -> int:
+        """Sample until `count` replicas run (or time out); returns the last count seen."""
+        deadline = time.monotonic() + timeout_s
+        running = self._sample(0)
+        while running != count and time.monotonic() < deadline:
+            time.sleep(1.0)
+            running = self._sample(0)
+        return running
+
+    def _load(self, concurrency: int, seconds: float, max_tokens: int) -> None:
+        stop_at = time.monotonic() + seconds
+        inflight = [0]
+        done = [0]
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def user(i: int) -> None:
+            while time.monotonic() < stop_at:
+                with lock:
+                    inflight[0] += 1
+                try:
+                    self.app.complete(f"Story {i}:", max_tokens=max_tokens, ignore_eos=True)
+                    with lock:
+                        done[0] += 1
+                except ClusterError as e:
+                    errors.append(str(e))
+                    time.sleep(0.5)
+                finally:
+                    with lock:
+                        inflight[0] -= 1
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for i in range(concurrency):
+                pool.submit(user, i)
+            while time.monotonic() < stop_at:
+                self._sample(inflight[0])
+                time.sleep(1.0)
+        self._sample(0)
+        note = f"load done: {done[0]} requests in {seconds:.0f}s"
+        if errors:
+            note += f", {len(errors)} errors (last: {html.escape(errors[-1][:200])})"
+        self.refresh(note=note)
+
+    def _sample(self, ongoing: int) -> int:
+        st = self.app.status()
+        running = st["deployments"].get(DEPLOYMENT_NAME, {}).get("replica_states", []).count("RUNNING")
+        self.history.append((round(time.monotonic() - self._t0, 1), running, ongoing))
+        self.refresh(status=st)
+        return running
+
+    def refresh(self, note: str = "", status: dict[str, Any] | None = None) -> None:
+        try:
+            st = status or self.app.status()
+        except ClusterError as e:
+            self._show(f"<span style='color:#b00'>{html.escape(str(e))}</span>")
+            return
+        dep = st["deployments"].get(DEPLOYMENT_NAME, {})
+        states = dep.get("replica_states", [])
+        self._show(
+            f"<b>{html.escape(self.app.name)}</b>: {html.escape(str(st['status']))} · replicas "
+            f"{states.count('RUNNING')} running / target {dep.get('target_replicas')} · batching "
+            f"{html.escape(str(dep.get('user_config')))}" + (f" · <i>{html.escape(note)}</i>" if note else "")
+        )
+
+    def _show(self, text: str) -> None:
+        self.status.value = text
+
+    def _guarded(self, action) -> None:
+        # A click handler's exception would vanish into the kernel log: show it where the user looks.
+        try:
+            action()
+        except (ClusterError, ConfigError, RuntimeError, ValueError) as e:
+            self._show(f"<span style='color:#b00'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
+
+    def _sync_enabled(self) -> None:
+        self.target_ongoing_requests.disabled = not self.autoscaling.value
+        self.replicas.description = "min / max replicas" if self.autoscaling.value else "replicas (max used)"
+
+    # ---- display -------------------------------------------------------------------------
+    def plot_history(self, ax=None):
+        """Running replicas and ongoing requests over time."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.subplots(figsize=(7, 3))[1]
+        if self.history:
+            t, replicas, ongoing = zip(*self.history)
+            ax.step(t, replicas, where="post", label="running replicas", color="tab:blue")
+            ax2 = ax.twinx()
+            ax2.plot(t, ongoing, color="tab:orange", alpha=0.6, label="requests in flight")
+            ax2.set_ylabel("requests in flight")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("replicas")
+        ax.set_title("Serve autoscaling under load")
+        return ax
+
+    @property
+    def widget(self) -> W.Widget:
+        return W.VBox([
+            W.HTML("<b>Batching</b> (Serve user_config: replicas keep running)"),
+            self.max_batch_size, self.batch_wait_timeout_s,
+            W.HTML("<b>Replicas</b>"), self.autoscaling, self.replicas, self.target_ongoing_requests,
+            self.apply_button,
+            W.HTML("<b>Load</b>"), self.load_concurrency, self.load_seconds, self.load_button,
+            self.status,
+        ])
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def _summary(cfg) -> str:
+    d = cfg.deployment
+    reps = (f"autoscaling {d.autoscaling.min_replicas}-{d.autoscaling.max_replicas} "
+            f"@ {d.autoscaling.target_ongoing_requests:g}" if d.autoscaling else f"{d.num_replicas} replicas")
+    return f"batch {cfg.batching.max_batch_size} / {cfg.batching.batch_wait_timeout_s:g}s, {reps}"

@@ -1,0 +1,103 @@
+"""A real browser (Debian's Chromium via Playwright) drives JupyterLab: the tuner widgets render,
+a slider edit plus a click on Apply reconfigures the running Serve app, and the status line shows
+what Serve reports afterwards. Skips when /usr/bin/chromium or playwright is missing."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import nbformat
+import pytest
+
+pytestmark = [pytest.mark.notebook, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+TOKEN = "browser-test-token"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tuner_notebook(path: Path) -> None:
+    """Notebook 02 up to the tuner (no load phase): parameters, deploy, tuner."""
+    nb = nbformat.read(str(NOTEBOOKS / "02_tune_autoscaling.ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tuner_at = next(i for i, c in enumerate(code) if c.source.startswith("tuner = ServeTuner"))
+    nb.cells = code[: tuner_at + 1]
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    _tuner_notebook(root / "tune.ipynb")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
+         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/api/status", params={"token": TOKEN}, timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("JupyterLab did not start within 120 s")
+        time.sleep(0.5)
+    yield url, root
+    # SIGTERM shuts kernels down gracefully, and the kernel's atexit stops its embedded Ray.
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_tuner_widgets_apply_batching_in_a_real_browser(lab, tmp_path):
+    url, root = lab
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync",
+        ])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{url}/lab/tree/tune.ipynb?token={TOKEN}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_text("Run All Cells", exact=True).click()
+            apply = page.locator(".jupyter-widgets button", has_text="Apply")
+            apply.wait_for(timeout=300_000)  # Ray start + model load + deploy, inside the browser's kernel
+            status = page.locator(".widget-html-content", has_text="replicas")
+            status.wait_for(timeout=60_000)
+            assert "'max_batch_size': 8" in status.inner_text()
+
+            readout = page.locator(".widget-slider", has_text="max_batch_size").locator(".widget-readout")
+            readout.click()
+            page.keyboard.press("Control+A")
+            page.keyboard.type("3")
+            page.keyboard.press("Enter")
+            apply.click()
+            page.locator(".widget-html-content", has_text="'max_batch_size': 3").wait_for(timeout=120_000)
+            assert "applied" in status.inner_text()
+        finally:
+            page.screenshot(path=str(tmp_path / "jupyterlab-tuner.png"), full_page=True)
+            browser.close()

@@ -1,0 +1,54 @@
+"""ServeTuner against the real app of the test session: widgets -> AppConfig -> live Serve reconfigure."""
+from __future__ import annotations
+
+import pytest
+
+from llmserve_nb import AppConfig, AppHandle, Cluster
+from llmserve_nb.widgets import ServeTuner
+
+pytestmark = pytest.mark.ray
+
+
+def test_widgets_describe_a_valid_config(app):
+    t = ServeTuner(app)
+    assert t.max_batch_size.value == app.config.batching.max_batch_size
+    t.set(max_batch_size=3, batch_wait_timeout_s=0.01)
+    cfg = t.config()
+    assert cfg.batching.max_batch_size == 3 and cfg.deployment.autoscaling is None
+    t.set(autoscaling=True, replicas=(1, 3), target_ongoing_requests=4.0)
+    auto = t.config().deployment.autoscaling
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4.0)
+    assert not t.target_ongoing_requests.disabled
+    with pytest.raises(ValueError, match="no tuner control named 'nope'"):
+        t.set(nope=1)
+
+
+def test_apply_button_reconfigures_the_running_replica(app):
+    original = app.config
+    before = app.stats()
+    t = ServeTuner(app)
+    try:
+        t.set(max_batch_size=5, batch_wait_timeout_s=0.03)
+        t.apply_button.click()
+        after = app.stats()
+        assert after["replica"] == before["replica"]  # reconfigured in place, not replaced
+        assert after["batching"] == {"max_batch_size": 5, "batch_wait_timeout_s": 0.03}
+        assert "'max_batch_size': 5" in t.status.value and "applied" in t.status.value
+    finally:
+        app.update(original)
+
+
+def test_load_runs_in_the_background_and_records_history(app):
+    t = ServeTuner(app)
+    t.run_load(concurrency=2, seconds=3, wait=True, max_tokens=8)
+    assert t.history and all(replicas == 1 for _, replicas, _ in t.history)
+    assert max(ongoing for _, _, ongoing in t.history) >= 1
+    assert "load done:" in t.status.value and "errors" not in t.status.value
+
+
+def test_a_dead_cluster_shows_in_the_status_line_instead_of_raising():
+    dead = Cluster("http://127.0.0.1:9", "http://127.0.0.1:9", kind="address", how="test")
+    t = ServeTuner(AppHandle(dead, AppConfig()))
+    assert "cannot reach the Ray dashboard" in t.status.value
+    t.apply_button.click()
+    assert "ClusterError" in t.status.value and "color:#b00" in t.status.value
