@@ -94,6 +94,16 @@ def stop_process(proc: subprocess.Popen) -> None:
             continue
 
 
+def add_workload_args(p, level_duration_s: float) -> None:
+    """The workload options every side-by-side script shares, so their tables stay comparable."""
+    p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--min-requests", type=int, default=4, help="requests per level: max(this, level)")
+    p.add_argument("--input-tokens", type=int, default=30)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--level-duration", type=float, default=level_duration_s,
+                   help="seconds per level before in-flight requests are cut")
+
+
 def level_workload(wl: bench.Workload, concurrency: int, min_requests: int) -> bench.Workload:
     """At least one request per user, so that level c really runs c requests at once."""
     return bench.Workload(**{**wl.__dict__, "num_requests": max(min_requests, concurrency)})

@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench_common import (
+    add_workload_args,
     MODEL_NAME, engine_limit, log, pivot_ratios, server_process, sweep_deployed, sweep_levels,
 )
 from llmserve_nb import bench
@@ -36,11 +37,7 @@ SYSTEMS = ("engine", "monolith", "vllm", "ours", "configs")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--levels", default="1,8,32")
-    p.add_argument("--min-requests", type=int, default=4, help="requests per level: max(this, level)")
-    p.add_argument("--input-tokens", type=int, default=30)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--level-duration", type=float, default=60.0)
+    add_workload_args(p, level_duration_s=60.0)
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     p.add_argument("--budget-minutes", type=float, default=15.0, help="no new system starts after this")
     p.add_argument("--skip", default="", help=f"comma list from {','.join(SYSTEMS)}")

@@ -13,7 +13,7 @@ import sys
 
 import pandas as pd
 
-from bench_common import engine_limit, log, sweep_deployed
+from bench_common import add_workload_args, engine_limit, log, sweep_deployed
 from llmserve_nb import bench
 from llmserve_nb.cluster import connect
 from llmserve_nb.config import AppConfig
@@ -21,11 +21,7 @@ from llmserve_nb.config import AppConfig
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--levels", default="1,8,32")
-    p.add_argument("--min-requests", type=int, default=4, help="requests per level: max(this, level)")
-    p.add_argument("--input-tokens", type=int, default=30)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--level-duration", type=float, default=90.0, help="seconds per level before in-flight requests are cut")
+    add_workload_args(p, level_duration_s=90.0)
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     wl = bench.Workload(input_tokens=args.input_tokens, output_tokens=args.max_tokens, duration_s=args.level_duration)

@@ -112,7 +112,8 @@ def run_notebook(
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / src.name
     pm.execute_notebook(
-        str(src), str(out), parameters=parameters or {}, kernel_name=kernel, cwd=str(src.parent),
+        # Run next to the executed copy, so files a notebook writes (bench reports) land in runs/<ts>/ too.
+        str(src), str(out), parameters=parameters or {}, kernel_name=kernel, cwd=str(out_dir),
         execution_timeout=timeout_s, progress_bar=False, log_output=False,
     )
     if html:

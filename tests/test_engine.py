@@ -88,3 +88,32 @@ def test_gguf_conversion_cache_gives_identical_output(tmp_path):
 def test_missing_local_model_is_a_clear_error(tmp_path):
     with pytest.raises(OSError):
         load_engine(EngineConfig(model_source=str(tmp_path / "no-such-model")))
+
+
+# ---- GPU paths, covered on CPU as far as they go --------------------------------------------
+
+def test_auto_dtype_picks_bf16_or_fp16_on_gpu_and_fp32_on_cpu(monkeypatch):
+    import torch
+
+    from llmserve_nb.engine import _pick_device_dtype
+
+    assert _pick_device_dtype(EngineConfig()) == ("cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _pick_device_dtype(EngineConfig()) == ("cuda", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert _pick_device_dtype(EngineConfig()) == ("cuda", torch.float16)  # e.g. T4, V100
+    assert _pick_device_dtype(EngineConfig(device="cpu", dtype="bfloat16")) == ("cpu", torch.bfloat16)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="torch sees no GPU"):
+        load_engine(EngineConfig(device="cuda"))
+
+
+def test_bf16_weights_still_answer_correctly():
+    """The half-precision path a GPU takes by default, run on CPU: same loading code, sane output."""
+    e = load_engine(EngineConfig(dtype="bfloat16"))
+    assert str(e.dtype) == "torch.bfloat16" and next(e.model.parameters()).dtype == e.dtype
+    (r,) = e.generate([Req(messages=FRANCE, max_tokens=24)])
+    assert "Paris" in r.text

@@ -1,33 +1,16 @@
 """notebooks/03_benchmark.ipynb end to end through papermill; its results come back from the `results` cell."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_benchmark.ipynb"
-
-
-def _tagged_json(nb, tag: str) -> dict:
-    for cell in nb.cells:
-        if tag in cell.get("metadata", {}).get("tags", []):
-            for out in cell.get("outputs", []):
-                if "application/json" in out.get("data", {}):
-                    return out["data"]["application/json"]
-    raise AssertionError(f"no application/json output in a cell tagged {tag!r}")
+from llmserve_nb.notebooks import read_results, run_notebook
 
 
 @pytest.mark.notebook
 def test_benchmark_notebook_runs_and_reports(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    papermill = pytest.importorskip("papermill")
-
     params = {"num_requests": 2, "max_tokens": 8, "concurrency": [1, 2], "level_duration_s": 120.0,
               "compare": {"batch 4": {"batching.max_batch_size": 4}, "off": {"batching.max_batch_size": 1}}}
-    out = tmp_path / "03_benchmark.out.ipynb"
-    papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path),
-                               progress_bar=False)
-    results = _tagged_json(nbformat.read(out, as_version=4), "results")
+    results = read_results(run_notebook("03_benchmark", tmp_path, params, html=False))
 
     sweep = results["sweep"]
     assert [row["concurrency"] for row in sweep] == [1, 2]

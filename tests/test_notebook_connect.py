@@ -13,30 +13,16 @@ import httpx
 import pytest
 
 from llmserve_nb import k8s
+from llmserve_nb.notebooks import read_results, run_notebook
 from ray_cluster import WORKER_RESOURCE, RayTestCluster, running_cluster
 
 nbformat = pytest.importorskip("nbformat")
-papermill = pytest.importorskip("papermill")
 
 pytestmark = pytest.mark.notebook
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_connect_cluster.ipynb"
 
-
-def _run(out_dir: Path, **params) -> nbformat.NotebookNode:
-    out = out_dir / NOTEBOOK.name
-    papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, kernel_name="python3", cwd=str(out_dir),
-                               progress_bar=False)
-    return nbformat.read(out, as_version=4)
-
-
-def _tagged_json(nb, tag: str) -> dict:
-    for cell in nb.cells:
-        if tag in cell.get("metadata", {}).get("tags", []):
-            for out in cell.get("outputs", []):
-                if "application/json" in out.get("data", {}):
-                    return out["data"]["application/json"]
-    raise AssertionError(f"no application/json output in a cell tagged {tag!r}")
+def _run(out_dir: Path, **params) -> Path:
+    return run_notebook("01_connect_cluster", out_dir, params, html=False)
 
 
 def _stream_text(nb) -> str:
@@ -51,13 +37,11 @@ def _rendered_objects() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("nb01-local")
-    _run(out_dir)
-    return out_dir / NOTEBOOK.name
+    return _run(tmp_path_factory.mktemp("nb01-local"))
 
 
 def test_local_embedded_ray(local_run: Path):
-    results = _tagged_json(nbformat.read(local_run, as_version=4), "results")
+    results = read_results(local_run)
     assert results["target"] == "local"
     assert results["nodes"] == 1 and results["cpus"] >= 1 and results["gpus"] == 0
     assert results["app_nodes"] == results["node_ids"]
@@ -84,12 +68,12 @@ def ray_cluster():
 
 @pytest.mark.ray
 def test_address_target_on_two_node_cluster_without_crds(ray_cluster: RayTestCluster, tmp_path):
-    nb = _run(
+    executed = _run(
         tmp_path, target="address", address=ray_cluster.dashboard_url, serve_url=ray_cluster.serve_url,
         token=ray_cluster.token, overrides={"deployment.resources": {WORKER_RESOURCE: 0.01}, "deployment.num_cpus": 0.5},
         crds=str(tmp_path / "no-crds-here"),
     )
-    results = _tagged_json(nb, "results")
+    results = read_results(executed)
     assert results["target"] == "address"
     assert results["nodes"] == 2 and results["cpus"] == 2
     assert sorted(results["node_ids"]) == sorted([ray_cluster.head_node_id[:12], ray_cluster.worker_node_id[:12]])
@@ -104,7 +88,7 @@ def test_address_target_on_two_node_cluster_without_crds(ray_cluster: RayTestClu
     )
     assert results["manifests_validated"] == len(objects) - len(ray_objects)
     assert results["manifest_errors"] == []
-    assert "KubeRay CRDs not found" in _stream_text(nb)
+    assert "KubeRay CRDs not found" in _stream_text(nbformat.read(executed, as_version=4))
 
     # The teardown cell removed the app it deployed.
     apps = httpx.get(f"{ray_cluster.dashboard_url}/api/serve/applications/",
