@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig
+from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, ConfigError, config_of_application
 
 __all__ = ["AppHandle", "Cluster", "ClusterError", "DeployError", "connect"]
 
@@ -82,6 +82,7 @@ class Cluster:
         # A short connect timeout: an address that never answers should fail fast, not after 30 s.
         self._http = httpx.Client(base_url=self.dashboard_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
         self.handles: dict[str, AppHandle] = {}
+        self.managed_by: str | None = None  # name of the RayService whose operator owns Serve here
 
     # ---- REST ------------------------------------------------------------------------------
     def _api(self, method: str, path: str, **kw) -> Any:
@@ -157,6 +158,19 @@ class Cluster:
         return rows
 
     # ---- deploy ----------------------------------------------------------------------------
+    def app(self, name: str = "llm") -> AppHandle:
+        """A handle to an application that already runs, e.g. one a RayService deployed."""
+        apps = self.serve_details().get("applications") or {}
+        if name not in apps:
+            raise ClusterError(f"no Serve application {name!r} on this cluster (running: {sorted(apps) or 'none'})")
+        try:
+            config = config_of_application(apps[name].get("deployed_app_config") or {"name": name})
+        except ConfigError as e:
+            raise ClusterError(f"application {name!r} is not an llmserve_nb app: {e}") from None
+        handle = AppHandle(self, config)
+        self.handles.setdefault(name, handle)
+        return handle
+
     def deploy(
         self,
         config: AppConfig | None = None,
@@ -167,6 +181,12 @@ class Cluster:
     ) -> AppHandle:
         """Deploy (or update in place) one application; other applications on the cluster are kept."""
         config = config or AppConfig()
+        if self.managed_by is not None:
+            raise DeployError(
+                f"this cluster belongs to RayService {self.managed_by!r}: KubeRay reconciles its serveConfigV2 and "
+                "would revert a deploy made here. Use cluster.app(name) to work with the app it runs, change the "
+                "RayService (llmserve-nb render-k8s), or deploy to a RayCluster instead"
+            )
         details = self.serve_details()
         others = [
             app["deployed_app_config"]
@@ -522,6 +542,8 @@ def _connect_kuberay(
         raise ClusterError(f"head service of {kr.namespace}/{conn.cluster_name} exposes no 'serve' port (8000)")
     cluster = Cluster(conn.dashboard_url, conn.serve_url, kind="kuberay", how=conn.how, token=token,
                       on_close=conn.close)
+    if kr.resource()[0] == "RayService":
+        cluster.managed_by = name
     try:
         cluster.version()
     except ClusterError:

@@ -219,6 +219,33 @@ class AppConfig(_Strict):
         return AppConfig.from_args(data)
 
 
+def nest_dotted(args: dict[str, Any]) -> dict[str, Any]:
+    """`serve run module:build_app batching.max_batch_size=4` passes flat dotted keys; nest them."""
+    nested: dict[str, Any] = {}
+    for key, value in args.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(value)
+        else:
+            node[leaf] = value
+    return nested
+
+
+def config_of_application(app: dict[str, Any]) -> AppConfig:
+    """Rebuild the AppConfig of a deployed application from its Serve config entry (args + user_config)."""
+    if app.get("import_path") != IMPORT_PATH:
+        raise ConfigError(f"application {app.get('name')!r} runs {app.get('import_path')!r}, not {IMPORT_PATH}")
+    data = nest_dotted(app.get("args") or {})
+    data.update(name=app.get("name", data.get("name", "llm")), route_prefix=app.get("route_prefix", "/"))
+    dep = {d.get("name"): d for d in app.get("deployments") or []}.get(DEPLOYMENT_NAME, {})
+    if dep.get("user_config"):
+        data["batching"] = dep["user_config"]
+    return AppConfig.from_args(data)
+
+
 class ConfigError(ValueError):
     """A configuration that does not validate; the message lists each bad field by its dotted path."""
 

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
-from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, BatchingConfig
+from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, BatchingConfig, nest_dotted
 from llmserve_nb.engine import GenerationRequest, GenerationResult, load_engine
 
 __all__ = ["API_KEY_ENV", "LLMServer", "build_app"]
@@ -413,22 +413,7 @@ class LLMServer:
         }
 
 
-def _nest(args: dict[str, Any]) -> dict[str, Any]:
-    """`serve run module:build_app batching.max_batch_size=4` passes flat dotted keys; nest them."""
-    nested: dict[str, Any] = {}
-    for key, value in args.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf].update(value)
-        else:
-            node[leaf] = value
-    return nested
-
-
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The one entry point: Python deploy, `serve run`, the REST API and RayService all call this."""
-    config = AppConfig.from_args(_nest(args or {}))
+    config = AppConfig.from_args(nest_dotted(args or {}))
     return LLMServer.options(**config.deployment_options()).bind(config.build_args())

@@ -33,24 +33,27 @@ class ServeTuner:
         )
         style = {"description_width": "170px"}
         layout = W.Layout(width="480px")
-        self.max_batch_size = W.IntSlider(cfg.batching.max_batch_size, min=1, max=64, description="max_batch_size",
+        self.max_batch_size = W.IntSlider(value=cfg.batching.max_batch_size, min=1, max=64, description="max_batch_size",
                                           style=style, layout=layout)
-        self.batch_wait_timeout_s = W.FloatSlider(cfg.batching.batch_wait_timeout_s, min=0.0, max=0.5, step=0.005,
+        self.batch_wait_timeout_s = W.FloatSlider(value=cfg.batching.batch_wait_timeout_s, min=0.0, max=0.5, step=0.005,
                                                   readout_format=".3f", description="batch_wait_timeout_s",
                                                   style=style, layout=layout)
-        self.autoscaling = W.Checkbox(cfg.deployment.autoscaling is not None, description="Serve autoscaling",
-                                      style=style)
-        self.replicas = W.IntRangeSlider((auto.min_replicas, auto.max_replicas), min=0, max=max_replicas_limit,
+        self.autoscaling = W.Checkbox(value=cfg.deployment.autoscaling is not None, description="Serve autoscaling",
+                                      style=style, layout=layout)
+        self.replicas = W.IntRangeSlider(value=(auto.min_replicas, auto.max_replicas), min=0, max=max_replicas_limit,
                                          description="min / max replicas", style=style, layout=layout)
-        self.target_ongoing_requests = W.FloatSlider(auto.target_ongoing_requests, min=0.5, max=64, step=0.5,
+        self.target_ongoing_requests = W.FloatSlider(value=auto.target_ongoing_requests, min=0.5, max=64, step=0.5,
                                                      description="target_ongoing_requests", style=style, layout=layout)
         self.apply_button = W.Button(description="Apply", button_style="primary", icon="check")
-        self.load_concurrency = W.IntSlider(8, min=1, max=64, description="load: concurrent users", style=style,
+        self.load_concurrency = W.IntSlider(value=8, min=1, max=64, description="load: concurrent users", style=style,
                                             layout=layout)
-        self.load_seconds = W.IntSlider(30, min=5, max=300, step=5, description="load: seconds", style=style,
+        self.load_seconds = W.IntSlider(value=30, min=5, max=300, step=5, description="load: seconds", style=style,
                                         layout=layout)
         self.load_button = W.Button(description="Run load", icon="play")
         self.status = W.HTML()
+        # Stable hooks for browser tests and custom CSS.
+        self.status.add_class("llmserve-status")
+        self.max_batch_size.add_class("llmserve-max-batch-size")
         self.history: list[tuple[float, int, int]] = []
         self._t0 = time.monotonic()
         self._load_thread: threading.Thread | None = None
@@ -173,7 +176,8 @@ class ServeTuner:
         self._show(
             f"<b>{html.escape(self.app.name)}</b>: {html.escape(str(st['status']))} · replicas "
             f"{states.count('RUNNING')} running / target {dep.get('target_replicas')} · batching "
-            f"{html.escape(str(dep.get('user_config')))}" + (f" · <i>{html.escape(note)}</i>" if note else "")
+            + html.escape(", ".join(f"{k}={v}" for k, v in (dep.get("user_config") or {}).items()))
+            + (f" · <i>{html.escape(note)}</i>" if note else "")
         )
 
     def _show(self, text: str) -> None:

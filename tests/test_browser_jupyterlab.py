@@ -86,17 +86,17 @@ def test_tuner_widgets_apply_batching_in_a_real_browser(lab, tmp_path):
             page.get_by_text("Run All Cells", exact=True).click()
             apply = page.locator(".jupyter-widgets button", has_text="Apply")
             apply.wait_for(timeout=300_000)  # Ray start + model load + deploy, inside the browser's kernel
-            status = page.locator(".widget-html-content", has_text="replicas")
+            status = page.locator(".llmserve-status")
             status.wait_for(timeout=60_000)
-            assert "'max_batch_size': 8" in status.inner_text()
+            assert "max_batch_size=8," in status.inner_text()
 
-            readout = page.locator(".widget-slider", has_text="max_batch_size").locator(".widget-readout")
+            readout = page.locator(".llmserve-max-batch-size .widget-readout")
             readout.click()
             page.keyboard.press("Control+A")
             page.keyboard.type("3")
             page.keyboard.press("Enter")
             apply.click()
-            page.locator(".widget-html-content", has_text="'max_batch_size': 3").wait_for(timeout=120_000)
+            page.locator(".llmserve-status", has_text="max_batch_size=3,").wait_for(timeout=120_000)
             assert "applied" in status.inner_text()
         finally:
             page.screenshot(path=str(tmp_path / "jupyterlab-tuner.png"), full_page=True)

@@ -94,3 +94,21 @@ def test_build_app_takes_serve_run_style_dotted_args():
     assert dep.max_ongoing_requests == 8
     with pytest.raises(ConfigError, match="deployment.num_replicas"):
         build_app({"deployment.num_replicas": "zero"})
+
+
+def test_config_of_a_deployed_application_round_trips():
+    from llmserve_nb.config import config_of_application
+
+    cfg = AppConfig(name="chat").with_overrides(**{"batching.max_batch_size": 4, "deployment.num_gpus": 0.25})
+    assert config_of_application(cfg.to_application()) == cfg
+    with pytest.raises(ConfigError, match="not llmserve_nb.serve_app:build_app"):
+        config_of_application({"name": "other", "import_path": "somebody.else:app"})
+
+
+def test_deploy_refuses_a_cluster_a_rayservice_owns():
+    from llmserve_nb.cluster import Cluster, DeployError
+
+    c = Cluster("http://127.0.0.1:9", "http://127.0.0.1:9", kind="kuberay", how="test")
+    c.managed_by = "llm"
+    with pytest.raises(DeployError, match="RayService 'llm'.*would revert"):
+        c.deploy(AppConfig())

@@ -126,3 +126,12 @@ def test_cluster_tables(cluster, app):
     row = next(r for r in cluster.applications() if r["app"] == app.name)
     assert row["app_status"] == "RUNNING" and row["running_replicas"] == 1
     assert app.name in app._repr_html_() or app.model in app._repr_html_()
+
+
+def test_attach_to_a_running_app_by_name(cluster, app):
+    attached = cluster.app(app.name)
+    assert attached.config.build_args() == app.config.build_args()
+    assert attached.config.batching == app.config.batching
+    assert "Paris" in attached.chat("What is the capital of France?", max_tokens=24)
+    with pytest.raises(Exception, match="no Serve application 'nope'"):
+        cluster.app("nope")

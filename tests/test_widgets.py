@@ -33,7 +33,7 @@ def test_apply_button_reconfigures_the_running_replica(app):
         after = app.stats()
         assert after["replica"] == before["replica"]  # reconfigured in place, not replaced
         assert after["batching"] == {"max_batch_size": 5, "batch_wait_timeout_s": 0.03}
-        assert "'max_batch_size': 5" in t.status.value and "applied" in t.status.value
+        assert "max_batch_size=5," in t.status.value and "applied" in t.status.value
     finally:
         app.update(original)
 
