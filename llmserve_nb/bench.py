@@ -33,7 +33,6 @@ tokens; a server may ignore `ignore_eos`, so the actual output token count is me
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import json

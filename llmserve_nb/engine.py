@@ -28,6 +28,7 @@ __all__ = [
     "HFEngine",
     "embedded_model_path",
     "load_engine",
+    "local_model_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,16 @@ def _load_from_gguf_with_cache(cfg: EngineConfig, source: str, gguf_file: str, t
         if not (cache / "config.json").is_file():
             raise
     return cache, (tok, model)
+
+
+def local_model_dir(cfg: EngineConfig | None = None) -> Path:
+    """A plain transformers directory for the model (for peers such as vLLM that cannot read GGUF):
+    a GGUF source gives its cached safetensors copy, converted on first use."""
+    cfg = cfg or EngineConfig()
+    source, gguf_file = _resolve_source(cfg)
+    if not gguf_file:
+        return Path(source)
+    return _load_from_gguf_with_cache(cfg, source, gguf_file, {})[0]
 
 
 class HFEngine:

@@ -3,7 +3,6 @@ a slider edit plus a click on Apply reconfigures the running Serve app, and the 
 what Serve reports afterwards. Skips when /usr/bin/chromium or playwright is missing."""
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
