@@ -37,6 +37,9 @@ class EngineConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int = Field(2048, ge=16, le=131072, description="Prompt + generated tokens per request.")
     max_tokens_limit: int = Field(512, ge=1, le=32768, description="Upper bound a request may ask for.")
+    max_num_seqs: int = Field(
+        64, ge=1, le=4096, description="Most requests decoding at once in a replica (continuous batching)."
+    )
     torch_threads: int | None = Field(
         None, ge=1, le=512, description="CPU threads for torch in each replica; None = all cores of the node."
     )

@@ -1,10 +1,11 @@
 """The generation engine: load a causal LM and run batched, streamable generation.
 
-The Serve app only talks to the small `Engine` protocol below, so another backend (vLLM, TGI...)
-can be added without touching it. `HFEngine` is the transformers implementation: one static batch
-per call, left padding, per-request sampling parameters, stop strings, and a token callback for
-streaming. Finished rows leave the KV cache as they finish, so a batch with mixed output lengths
-does not keep paying for its shortest members.
+`HFEngine` is the transformers implementation: left padding, per-request sampling parameters,
+stop strings, and a token callback for streaming. Finished rows leave the KV cache as they finish,
+so a batch with mixed output lengths does not keep paying for its shortest members.
+`HFEngine.generate` runs one static batch (offline use); `ContinuousBatcher` merges new requests into
+the running batch between decode steps (what the Serve app uses). The `Engine` protocol is the
+small offline surface another backend (vLLM, TGI...) would implement.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -25,6 +29,7 @@ __all__ = [
     "Engine",
     "GenerationRequest",
     "GenerationResult",
+    "ContinuousBatcher",
     "HFEngine",
     "embedded_model_path",
     "load_engine",
@@ -236,13 +241,8 @@ class HFEngine:
         return len(self._prompt_ids(request))
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(
-        self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
-    ) -> list[GenerationResult]:
-        import torch
-
-        if not requests:
-            return []
+    def prepare(self, requests: list[GenerationRequest]) -> list[list[int]]:
+        """Prompt token ids, checked against the context length (ValueError names the request)."""
         prompts = [self._prompt_ids(r) for r in requests]
         for i, (ids, r) in enumerate(zip(prompts, requests)):
             if len(ids) + r.max_tokens > self.max_model_len:
@@ -250,52 +250,105 @@ class HFEngine:
                     f"request {i}: prompt ({len(ids)} tokens) + max_tokens ({r.max_tokens}) "
                     f"exceeds max_model_len ({self.max_model_len})"
                 )
-        with torch.inference_mode():
-            return self._decode(requests, prompts, on_token)
+        return prompts
 
-    def _decode(self, requests, prompts, on_token):
+    def generate(
+        self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
+    ) -> list[GenerationResult]:
+        """Run the requests as one static batch (used offline; the server uses `ContinuousBatcher`)."""
         import torch
 
-        n = len(requests)
-        width = max(len(p) for p in prompts)
+        if not requests:
+            return []
+        prompts = self.prepare(requests)
+        slots = [_Slot(_Row(r, len(p)), p, self._generator(r), None if on_token is None else _bind(on_token, i))
+                 for i, (r, p) in enumerate(zip(requests, prompts))]
+        with torch.inference_mode():
+            state = self._prefill(slots)
+            while state.slots:
+                self._step(state)
+        return [slot.row.result() for slot in slots]
+
+    def _forward(self, input_ids, attn, position_ids, cache):
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attn,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,  # the prefill needs only the last position's logits, not width x vocab
+        )
+
+    def _prefill(self, slots: list[_Slot]) -> _DecodeState:
+        """Left-padded forward pass over the prompts; samples each row's first token."""
+        import torch
+
+        width = max(len(s.prompt) for s in slots)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        input_ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in slots], device=self.device)
+        attn = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in slots], device=self.device)
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        generators = [self._generator(r) for r in requests]
-        rows = [_Row(r, len(p)) for r, p in zip(requests, prompts)]
-        active = list(range(n))  # batch position -> request index
-        cache = None
-        step_ids, step_pos = input_ids, position_ids
-        while active:
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=attn,
-                position_ids=step_pos,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,  # the prefill needs only the last position's logits, not width x vocab
-            )
-            cache = out.cache
-            next_ids = self._sample(out.logits[:, -1, :].float(), [requests[i] for i in active], [generators[i] for i in active])
-            keep = []
-            for pos, i in enumerate(active):
-                delta = rows[i].push(int(next_ids[pos]), self.tokenizer, self.eos_ids)
-                if delta and on_token is not None:
-                    on_token(i, delta)
-                if not rows[i].done:
-                    keep.append(pos)
-            if len(keep) < len(active):
-                if not keep:
-                    break
+        out = self._forward(input_ids, attn, position_ids, None)
+        state = _DecodeState(slots, out.cache, attn, position_ids[:, -1:], None)
+        self._absorb(state, out.logits[:, -1, :])
+        return state
+
+    def _step(self, state: _DecodeState) -> None:
+        """One decode step for every running row."""
+        import torch
+
+        state.attn = torch.cat([state.attn, state.attn.new_ones((len(state.slots), 1))], dim=1)
+        state.pos = state.pos + 1
+        out = self._forward(state.next_ids[:, None], state.attn, state.pos, state.cache)
+        state.cache = out.cache
+        self._absorb(state, out.logits[:, -1, :])
+
+    def _absorb(self, state: _DecodeState, logits) -> list[_Slot]:
+        """Sample, stream and finish rows; finished rows leave the batch and its KV cache."""
+        import torch
+
+        next_ids = self._sample(logits.float(), [s.row.req for s in state.slots], [s.generator for s in state.slots])
+        keep, finished = [], []
+        for pos, slot in enumerate(state.slots):
+            delta = slot.row.push(int(next_ids[pos]), self.tokenizer, self.eos_ids)
+            if delta and slot.emit is not None:
+                slot.emit(delta)
+            (finished if slot.row.done else keep).append(pos)
+        state.next_ids = next_ids
+        if finished:
+            done = [state.slots[p] for p in finished]
+            if keep:
                 idx = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(idx)
-                attn, next_ids, step_pos = attn[idx], next_ids[idx], step_pos[idx]
-                active = [active[p] for p in keep]
-            attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
-            step_ids = next_ids[:, None]
-            step_pos = step_pos[:, -1:] + 1
-        return [row.result() for row in rows]
+                state.cache.batch_select_indices(idx)
+                state.attn, state.pos, state.next_ids = state.attn[idx], state.pos[idx], next_ids[idx]
+            state.slots = [state.slots[p] for p in keep]
+            for slot in done:
+                if slot.on_done is not None:
+                    slot.on_done()
+            return done
+        return []
+
+    def can_merge(self, state: _DecodeState) -> bool:
+        """Only plain dynamic KV caches can be joined; other cache types (sliding windows...) wait."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(state.cache, "layers", [None]))
+
+    def _merge(self, a: _DecodeState, b: _DecodeState) -> _DecodeState:
+        """Join two running batches: left-pad the shorter KV cache and mask, then stack the rows."""
+        import torch
+        import torch.nn.functional as F
+
+        ta, tb = a.attn.shape[1], b.attn.shape[1]
+        width = max(ta, tb)
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            la.keys = torch.cat([F.pad(la.keys, (0, 0, width - ta, 0)), F.pad(lb.keys, (0, 0, width - tb, 0))])
+            la.values = torch.cat([F.pad(la.values, (0, 0, width - ta, 0)), F.pad(lb.values, (0, 0, width - tb, 0))])
+        a.attn = torch.cat([F.pad(a.attn, (width - ta, 0)), F.pad(b.attn, (width - tb, 0))])
+        a.pos = torch.cat([a.pos, b.pos])
+        a.next_ids = torch.cat([a.next_ids, b.next_ids])
+        a.slots = a.slots + b.slots
+        return a
 
     def _generator(self, req: GenerationRequest):
         import torch
@@ -373,6 +426,116 @@ class _Row:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.text, self.prompt_tokens, len(self.ids), self.finish_reason)
+
+
+def _bind(on_token: TokenCallback, i: int) -> Callable[[str], None]:
+    return lambda delta: on_token(i, delta)
+
+
+@dataclass
+class _Slot:
+    """One running request: its decode state, sampler and callbacks."""
+
+    row: _Row
+    prompt: list[int]
+    generator: object | None
+    emit: Callable[[str], None] | None
+    on_done: Callable[[], None] | None = None
+
+
+@dataclass
+class _DecodeState:
+    """A running batch: rows, their KV cache, attention mask (with left padding) and positions."""
+
+    slots: list[_Slot]
+    cache: object
+    attn: object
+    pos: object
+    next_ids: object
+
+
+class ContinuousBatcher:
+    """Continuous batching on top of `HFEngine`: new requests join the running batch between decode
+    steps instead of waiting for it to finish. One thread owns the model; `submit` is thread-safe."""
+
+    def __init__(self, engine: HFEngine, max_num_seqs: int = 64):
+        self.engine = engine
+        self.max_num_seqs = max_num_seqs
+        self._pending: deque[list[_Slot]] = deque()
+        self._cond = threading.Condition()
+        self._running: _DecodeState | None = None
+        self.steps = 0
+        self.running_max = 0
+        self._thread = threading.Thread(target=self._loop, name="llm-continuous-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None) -> Future:
+        """Queue a group of requests; the future resolves to their results once all are done."""
+        future: Future = Future()
+        if not requests:
+            future.set_result([])
+            return future
+        prompts = self.engine.prepare(requests)  # bad input fails here, in the caller, not in the loop
+        rows = [_Row(r, len(p)) for r, p in zip(requests, prompts)]
+        remaining = [len(rows)]
+        lock = threading.Lock()
+
+        def done() -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last and not future.done():
+                future.set_result([row.result() for row in rows])
+
+        slots = [
+            _Slot(row, p, self.engine._generator(r), None if on_token is None else _bind(on_token, i), done)
+            for i, (row, r, p) in enumerate(zip(rows, requests, prompts))
+        ]
+        for slot in slots:
+            slot.future = future  # type: ignore[attr-defined]
+        with self._cond:
+            self._pending.append(slots)
+            self._cond.notify()
+        return future
+
+    def _admit(self) -> list[_Slot]:
+        with self._cond:
+            while not self._pending and self._running is None:
+                self._cond.wait()
+            running = len(self._running.slots) if self._running else 0
+            if self._running is not None and not self.engine.can_merge(self._running):
+                return []
+            taken: list[_Slot] = []
+            while self._pending and (not taken and not running or
+                                     running + len(taken) + len(self._pending[0]) <= self.max_num_seqs):
+                taken.extend(self._pending.popleft())
+            return taken
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            taken = self._admit()
+            try:
+                with torch.inference_mode():
+                    if taken:
+                        new = self.engine._prefill(taken)
+                        if new.slots:
+                            self._running = new if self._running is None else self.engine._merge(self._running, new)
+                    if self._running is not None and self._running.slots:
+                        self.running_max = max(self.running_max, len(self._running.slots))
+                        self.engine._step(self._running)
+                        self.steps += 1
+                    if self._running is not None and not self._running.slots:
+                        self._running = None
+            except Exception as e:  # a failed forward fails the requests it carried, not the server
+                log.exception("decode step failed")
+                failed = taken + (self._running.slots if self._running else [])
+                self._running = None
+                for slot in failed:
+                    fut = slot.future  # type: ignore[attr-defined]
+                    if not fut.done():
+                        fut.set_exception(e)
 
 
 def load_engine(cfg: EngineConfig | None = None) -> Engine:

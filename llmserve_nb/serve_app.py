@@ -3,6 +3,11 @@
 One entry point, `build_app(args)`, is used by the Python deploy, `serve run`, the Serve REST API
 and a RayService `serveConfigV2` alike. Requests from all routes (chat, completions, /generate,
 streaming or not) share the same `@serve.batch` queue, so they batch with each other.
+
+Batching has two levels: `@serve.batch` forms admission batches (prefilled together; its
+`max_batch_size` / `batch_wait_timeout_s` are the live `user_config`), and the engine's
+`ContinuousBatcher` merges each admission batch into the running decode loop between steps
+(continuous batching, up to `engine.max_num_seqs` rows).
 """
 
 import asyncio
@@ -12,7 +17,6 @@ import os
 import secrets
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Union
 
@@ -23,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, BatchingConfig, nest_dotted
-from llmserve_nb.engine import GenerationRequest, GenerationResult, load_engine
+from llmserve_nb.engine import ContinuousBatcher, GenerationRequest, GenerationResult, load_engine
 
 __all__ = ["API_KEY_ENV", "LLMServer", "build_app"]
 
@@ -161,14 +165,12 @@ class _BatchStats:
         self.sizes: Counter[int] = Counter()
         self.requests = 0
         self.generated_tokens = 0
-        self.busy_s = 0.0
         self.queue_wait_s = 0.0
 
-    def record(self, jobs: list[_Job], results: list[GenerationResult], started: float, ended: float) -> None:
+    def record(self, jobs: list[_Job], results: list[GenerationResult], started: float) -> None:
         self.sizes[len(jobs)] += 1
         self.requests += len(jobs)
         self.generated_tokens += sum(r.completion_tokens for r in results)
-        self.busy_s += ended - started
         self.queue_wait_s += sum(started - j.enqueued for j in jobs)
 
     def as_dict(self) -> dict[str, Any]:
@@ -180,7 +182,6 @@ class _BatchStats:
             "max_batch_size_seen": max(self.sizes, default=0),
             "mean_batch_size": self.requests / batches if batches else 0.0,
             "generated_tokens": self.generated_tokens,
-            "busy_s": round(self.busy_s, 3),
             "mean_queue_wait_s": round(self.queue_wait_s / self.requests, 4) if self.requests else 0.0,
         }
 
@@ -199,9 +200,9 @@ class LLMServer:
         self.stats = _BatchStats()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.api_key = os.environ.get(API_KEY_ENV) or None
-        # One generating thread: batches run one after another while the event loop keeps accepting
-        # and queueing the next batch.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
+        # The batcher's thread owns the model; batches formed below join its running decode loop
+        # between steps, so a request never waits for an unrelated batch to finish.
+        self.batcher = ContinuousBatcher(self.engine, max_num_seqs=self.config.engine.max_num_seqs)
         self.reconfigure(self.config.batching.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -222,7 +223,9 @@ class LLMServer:
         # What Serve enforces for this replica now, which user_config alone cannot change.
         return serve.get_replica_context()._deployment_config.max_ongoing_requests
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Admission batches: requests that arrive together are prefilled together. Several may be in
+    # flight at once (they merge into the running decode loop), hence max_concurrent_batches.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=32)
     async def _run_batch(self, jobs: list[_Job]) -> list[GenerationResult | Exception]:
         loop = asyncio.get_running_loop()
 
@@ -233,14 +236,12 @@ class LLMServer:
 
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(
-                self._executor, self.engine.generate, [j.request for j in jobs], on_token
-            )
+            results = await asyncio.wrap_future(self.batcher.submit([j.request for j in jobs], on_token))
         except Exception as e:  # surfaces to every request of the batch, as a 500 with the cause
             log.exception("batch of %d failed", len(jobs))
             results = [e] * len(jobs)
         else:
-            self.stats.record(jobs, results, started, time.perf_counter())
+            self.stats.record(jobs, results, started)
         for j in jobs:
             if j.queue is not None:
                 # Scheduled after every on_token callback above, so it always arrives last.
@@ -409,6 +410,8 @@ class LLMServer:
             "batching": self.batching.model_dump(),
             "max_ongoing_requests": self._max_ongoing_requests(),
             "engine": self.engine.load_timings if hasattr(self.engine, "load_timings") else {},
+            "decode_steps": self.batcher.steps,
+            "running_max": self.batcher.running_max,
             **self.stats.as_dict(),
         }
 

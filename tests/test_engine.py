@@ -117,3 +117,50 @@ def test_bf16_weights_still_answer_correctly():
     assert str(e.dtype) == "torch.bfloat16" and next(e.model.parameters()).dtype == e.dtype
     (r,) = e.generate([Req(messages=FRANCE, max_tokens=24)])
     assert "Paris" in r.text
+
+
+# ---- continuous batching ----------------------------------------------------------------------
+
+def test_requests_joining_a_running_batch_get_the_same_greedy_text(engine):
+    import time
+
+    from llmserve_nb.engine import ContinuousBatcher
+
+    reqs = [
+        Req(messages=FRANCE, max_tokens=24),
+        Req(prompt="Once upon a time", max_tokens=20),
+        Req(messages=[{"role": "user", "content": "Write a poem about the sea and the sky."}], max_tokens=30),
+        Req(prompt="def fibonacci(n):", max_tokens=12),
+    ]
+    alone = [engine.generate([r])[0].text for r in reqs]
+    batcher = ContinuousBatcher(engine, max_num_seqs=8)
+    streamed: dict[int, list[str]] = {}
+    first = batcher.submit(reqs[:2])
+    time.sleep(0.3)  # the first group is decoding when the second arrives, with a different prompt width
+    second = batcher.submit(reqs[2:], on_token=lambda i, d: streamed.setdefault(i, []).append(d))
+    texts = [r.text for r in first.result(timeout=300) + second.result(timeout=300)]
+    assert texts == alone
+    assert "".join(streamed[0]) == texts[2]
+    assert batcher.running_max > 2  # the groups really ran together
+
+
+def test_continuous_batcher_rejects_bad_input_up_front_and_survives_a_failed_step(engine, monkeypatch):
+    from llmserve_nb.engine import ContinuousBatcher
+
+    batcher = ContinuousBatcher(engine)
+    with pytest.raises(ValueError, match="exceeds max_model_len"):
+        batcher.submit([Req(prompt="word " * 3000, max_tokens=8)])
+    real = engine._forward
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device error")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "_forward", flaky)
+    with pytest.raises(RuntimeError, match="simulated device error"):
+        batcher.submit([Req(prompt="Hello", max_tokens=4)]).result(timeout=60)
+    (ok,) = batcher.submit([Req(messages=FRANCE, max_tokens=16)]).result(timeout=120)
+    assert "Paris" in ok.text
