@@ -134,8 +134,21 @@ def _log_tails(temp_dir: Path, lines: int = 15) -> str:
     return "\n".join(out)
 
 
-def start_cluster(timeout_s: float = 120.0) -> RayTestCluster:
-    """Head (1 CPU) plus one worker (1 CPU, custom resource `node2`), both ALIVE; stop it with `stop_cluster`."""
+def start_cluster(timeout_s: float = 120.0, attempts: int = 3) -> RayTestCluster:
+    """Head (1 CPU) plus one worker (1 CPU, custom resource `node2`), both ALIVE; stop it with `stop_cluster`.
+
+    Another process can take a picked port before Ray binds it (e.g. a second test run starting its
+    own Ray): then start again on freshly picked ports."""
+    for attempt in range(attempts):
+        try:
+            return _start_once(timeout_s)
+        except RayClusterError as e:
+            if attempt == attempts - 1 or "address already in use" not in str(e):
+                raise
+    raise RayClusterError("attempts must be >= 1")
+
+
+def _start_once(timeout_s: float) -> RayTestCluster:
     # Short: Ray puts unix sockets under the temp dir, and their paths are limited to ~107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="lsnb-", dir="/tmp"))
     ports = _pick_ports({**HEAD_PORTS, "head_agent": 0, "worker_agent": 0})
