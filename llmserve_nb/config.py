@@ -58,7 +58,9 @@ class EngineConfig(_Strict):
 class BatchingConfig(_Strict):
     """Dynamic batching knobs. Sent as the Serve `user_config`, so they change live without a restart."""
 
-    max_batch_size: int = Field(8, ge=1, le=256, description="1 turns batching off.")
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Requests admitted together; 1 turns batching off (one sequence at a time)."
+    )
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
 
 

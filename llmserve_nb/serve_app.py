@@ -210,6 +210,8 @@ class LLMServer:
         batching = BatchingConfig.model_validate(user_config)
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        # max_batch_size=1 means batching off altogether: one sequence decoding at a time.
+        self.batcher.max_num_seqs = 1 if batching.max_batch_size == 1 else self.config.engine.max_num_seqs
         self.batching = batching
         if batching.max_batch_size > self._max_ongoing_requests():
             log.warning(
