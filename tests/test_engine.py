@@ -8,6 +8,13 @@ from llmserve_nb.engine import GenerationRequest as Req
 from llmserve_nb.engine import load_engine
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# Chat and raw prompts of different lengths, finishing at different steps.
+MIXED = [
+    Req(messages=FRANCE, max_tokens=24),
+    Req(prompt="Once upon a time", max_tokens=20),
+    Req(messages=[{"role": "user", "content": "Write a poem about the sea and the sky."}], max_tokens=30),
+    Req(prompt="def fibonacci(n):", max_tokens=12),
+]
 
 
 def test_greedy_answer_mentions_paris(engine):
@@ -18,12 +25,7 @@ def test_greedy_answer_mentions_paris(engine):
 
 
 def test_batched_greedy_equals_unbatched(engine):
-    reqs = [
-        Req(messages=FRANCE, max_tokens=24),
-        Req(prompt="Once upon a time", max_tokens=20),
-        Req(messages=[{"role": "user", "content": "Write a poem about the sea and the sky."}], max_tokens=30),
-        Req(prompt="def fibonacci(n):", max_tokens=12),
-    ]
+    reqs = MIXED
     batched = engine.generate(reqs)
     alone = [engine.generate([r])[0] for r in reqs]
     assert [b.text for b in batched] == [a.text for a in alone]
@@ -126,12 +128,7 @@ def test_requests_joining_a_running_batch_get_the_same_greedy_text(engine):
 
     from llmserve_nb.engine import ContinuousBatcher
 
-    reqs = [
-        Req(messages=FRANCE, max_tokens=24),
-        Req(prompt="Once upon a time", max_tokens=20),
-        Req(messages=[{"role": "user", "content": "Write a poem about the sea and the sky."}], max_tokens=30),
-        Req(prompt="def fibonacci(n):", max_tokens=12),
-    ]
+    reqs = MIXED
     alone = [engine.generate([r])[0].text for r in reqs]
     batcher = ContinuousBatcher(engine, max_num_seqs=8)
     streamed: dict[int, list[str]] = {}
