@@ -81,6 +81,11 @@ def test_tuner_widgets_apply_batching_in_a_real_browser(lab, tmp_path):
         try:
             page.goto(f"{url}/lab/tree/tune.ipynb?token={TOKEN}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            # JupyterLab may ask which kernel to start (it does with a freshly registered kernelspec).
+            try:
+                page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True).click(timeout=15_000)
+            except sync_api.TimeoutError:
+                pass
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.get_by_text("Run All Cells", exact=True).click()
             apply = page.locator(".jupyter-widgets button", has_text="Apply")
