@@ -441,6 +441,7 @@ class _Slot:
     generator: object | None
     emit: Callable[[str], None] | None
     on_done: Callable[[], None] | None = None
+    future: Future | None = None  # the submitted group's, failed if a step fails
 
 
 @dataclass
@@ -488,11 +489,9 @@ class ContinuousBatcher:
                 future.set_result([row.result() for row in rows])
 
         slots = [
-            _Slot(row, p, self.engine._generator(r), None if on_token is None else _bind(on_token, i), done)
+            _Slot(row, p, self.engine._generator(r), None if on_token is None else _bind(on_token, i), done, future)
             for i, (row, r, p) in enumerate(zip(rows, requests, prompts))
         ]
-        for slot in slots:
-            slot.future = future  # type: ignore[attr-defined]
         with self._cond:
             self._pending.append(slots)
             self._cond.notify()
@@ -533,9 +532,8 @@ class ContinuousBatcher:
                 failed = taken + (self._running.slots if self._running else [])
                 self._running = None
                 for slot in failed:
-                    fut = slot.future  # type: ignore[attr-defined]
-                    if not fut.done():
-                        fut.set_exception(e)
+                    if slot.future is not None and not slot.future.done():
+                        slot.future.set_exception(e)
 
 
 def load_engine(cfg: EngineConfig | None = None) -> Engine:
