@@ -229,7 +229,8 @@ class HFEngine:
         log.info("loaded %s on %s/%s in %.1fs", self.model_name, self.device, self.dtype, self.load_timings["total_load_s"])
 
     # ---- prompts ---------------------------------------------------------------------------
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids (chat template applied for messages)."""
         if req.messages is not None:
             if not self.tokenizer.chat_template:
                 raise ValueError(f"{self.model_name} has no chat template; use /v1/completions with a prompt")
@@ -238,12 +239,12 @@ class HFEngine:
         return self.tokenizer(req.prompt)["input_ids"]
 
     def count_tokens(self, request: GenerationRequest) -> int:
-        return len(self._prompt_ids(request))
+        return len(self.prompt_ids(request))
 
     # ---- generation ------------------------------------------------------------------------
     def prepare(self, requests: list[GenerationRequest]) -> list[list[int]]:
         """Prompt token ids, checked against the context length (ValueError names the request)."""
-        prompts = [self._prompt_ids(r) for r in requests]
+        prompts = [self.prompt_ids(r) for r in requests]
         for i, (ids, r) in enumerate(zip(prompts, requests)):
             if len(ids) + r.max_tokens > self.max_model_len:
                 raise ValueError(
@@ -470,13 +471,21 @@ class ContinuousBatcher:
         self._thread = threading.Thread(target=self._loop, name="llm-continuous-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None) -> Future:
-        """Queue a group of requests; the future resolves to their results once all are done."""
+    def submit(
+        self,
+        requests: list[GenerationRequest],
+        on_token: TokenCallback | None = None,
+        prompts: list[list[int]] | None = None,
+    ) -> Future:
+        """Queue a group of requests; the future resolves to their results once all are done.
+
+        `prompts` are token ids the caller already computed (and checked against the context length)."""
         future: Future = Future()
         if not requests:
             future.set_result([])
             return future
-        prompts = self.engine.prepare(requests)  # bad input fails here, in the caller, not in the loop
+        if prompts is None:
+            prompts = self.engine.prepare(requests)  # bad input fails here, in the caller, not in the loop
         rows = [_Row(r, len(p)) for r, p in zip(requests, prompts)]
         remaining = [len(rows)]
         lock = threading.Lock()

@@ -153,7 +153,7 @@ async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
 @dataclass
 class _Job:
     request: GenerationRequest
-    prompt_tokens: int
+    prompt_ids: list[int]
     queue: asyncio.Queue | None = None  # set for streaming requests
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -238,7 +238,8 @@ class LLMServer:
 
         started = time.perf_counter()
         try:
-            results = await asyncio.wrap_future(self.batcher.submit([j.request for j in jobs], on_token))
+            future = self.batcher.submit([j.request for j in jobs], on_token, [j.prompt_ids for j in jobs])
+            results = await asyncio.wrap_future(future)
         except Exception as e:  # surfaces to every request of the batch, as a 500 with the cause
             log.exception("batch of %d failed", len(jobs))
             results = [e] * len(jobs)
@@ -266,9 +267,10 @@ class LLMServer:
 
     def _job(self, req: GenerationRequest, streaming: bool) -> _Job:
         try:
-            n_prompt = self.engine.count_tokens(req)
+            ids = self.engine.prompt_ids(req)  # tokenized once here, reused by the batcher
         except ValueError as e:
             raise OpenAIError(400, str(e)) from None
+        n_prompt = len(ids)
         if n_prompt + req.max_tokens > self.engine.max_model_len:
             raise OpenAIError(
                 400,
@@ -276,7 +278,7 @@ class LLMServer:
                 f"({self.engine.max_model_len}); shorten the prompt or lower max_tokens",
                 "max_tokens",
             )
-        return _Job(req, n_prompt, asyncio.Queue() if streaming else None)
+        return _Job(req, ids, asyncio.Queue() if streaming else None)
 
     async def _generate(self, job: _Job) -> GenerationResult:
         result = await self._run_batch(job)
@@ -303,11 +305,11 @@ class LLMServer:
         job.result = await task  # type: ignore[attr-defined]
 
     @staticmethod
-    def _usage(job: _Job, result: GenerationResult) -> dict[str, int]:
+    def _usage(result: GenerationResult) -> dict[str, int]:
         return {
-            "prompt_tokens": job.prompt_tokens,
+            "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
-            "total_tokens": job.prompt_tokens + result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
         }
 
     def _sse(self, job: _Job, body: _SamplingParams, kind: str) -> StreamingResponse:
@@ -338,7 +340,7 @@ class LLMServer:
                 result: GenerationResult = job.result  # type: ignore[attr-defined]
                 yield chunk(choice(None, result.finish_reason))
                 if include_usage:
-                    yield chunk(None, self._usage(job, result))
+                    yield chunk(None, self._usage(result))
             except OpenAIError as e:
                 # Headers are already sent: report the failure in-band, as OpenAI's API does.
                 yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.status}})}\n\n"
@@ -362,7 +364,7 @@ class LLMServer:
             "model": self.engine.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": self._usage(job, result),
+            "usage": self._usage(result),
         }
 
     @api.post("/v1/completions", summary="OpenAI text completions (streaming with stream=true)")
@@ -377,7 +379,7 @@ class LLMServer:
         if body.stream:
             return self._sse(jobs[0], body, "completion")
         results = await asyncio.gather(*(self._generate(j) for j in jobs))
-        usage = [self._usage(j, r) for j, r in zip(jobs, results)]
+        usage = [self._usage(r) for r in results]
         return {
             "id": f"cmpl-{secrets.token_hex(12)}",
             "object": "text_completion",
