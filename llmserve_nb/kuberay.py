@@ -5,17 +5,22 @@
 RayService first: a RayService name is the stable handle while the clusters behind it rotate on upgrades,
 so if both kinds share the name, the RayService is what the user means.
 
-`connect()` returns URLs for the dashboard, Serve and the Ray client: in-cluster DNS when this process runs
-in a pod, otherwise a port-forward (`kubectl port-forward svc/...` when kubectl is there and the kubeconfig
-was loaded here, else the kubernetes client's pod port-forward to the head pod).
+`KubeRayCluster.connect()` returns URLs for the dashboard, Serve and the Ray client: in-cluster DNS when this
+process runs in a pod, otherwise a port-forward (`kubectl port-forward svc/...` when kubectl is there and the
+kubeconfig was loaded here, else the kubernetes client's pod port-forward to the head pod). A port-forward lives
+until `KubeRayConnection.close()` or, at the latest, until this process exits.
+
+The public way in is `llmserve_nb.connect(kuberay=name, namespace=...)`; this module is its Kubernetes side.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
+import collections
 import json
+import logging
 import os
-import platform
 import queue
 import re
 import shutil
@@ -23,19 +28,23 @@ import socket
 import subprocess
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from llmserve_nb.cluster import ClusterError
 
 __all__ = [
     "HeadService",
     "KubeRayCluster",
     "KubeRayConnection",
     "KubeRayError",
-    "check_version_skew",
-    "connect_kuberay",
+    "auth_secret_name",
     "versions_from_image",
 ]
+
+log = logging.getLogger(__name__)
 
 GROUP, VERSION = "ray.io", "v1"
 _PLURAL = {"RayCluster": "rayclusters", "RayService": "rayservices"}
@@ -52,9 +61,13 @@ _RBAC_HINT = (
     "it needs get/list on rayclusters.ray.io, rayservices.ray.io, services and pods, "
     "create on pods/portforward, and get on the token secret"
 )
+# (connect, read) seconds for each Kubernetes API call: an unreachable API server fails, it never hangs.
+_API_TIMEOUT = (5.0, 30.0)
+# The key KubeRay's auth Secret keeps the token under (utils.RAY_AUTH_TOKEN_SECRET_KEY in v1.7).
+AUTH_TOKEN_KEY = "auth_token"
 
 
-class KubeRayError(RuntimeError):
+class KubeRayError(ClusterError):
     """Anything that stops us from finding or reaching a KubeRay cluster; the message says what and where."""
 
 
@@ -105,34 +118,6 @@ def versions_from_image(image: str | None) -> tuple[str | None, str | None]:
     ray = re.match(r"^(\d+\.\d+\.\d+)", tag)
     py = re.search(r"py(\d)(\d+)", tag)
     return (ray.group(1) if ray else None, f"{py.group(1)}.{py.group(2)}" if py else None)
-
-
-def check_version_skew(
-    cluster_ray: str | None, cluster_python: str | None, local_ray: str | None = None, local_python: str | None = None
-) -> None:
-    """Raise KubeRayError when this process's Ray (exact) or Python (major.minor) differs from the cluster's.
-
-    Ray refuses cross-version clients with an obscure error, and pickled code breaks across Python minors,
-    so this is checked before connecting. Unknown cluster versions (None) are not checked.
-    """
-    if local_ray is None:
-        import ray
-
-        local_ray = ray.__version__
-    local_python = local_python or platform.python_version()
-    problems = []
-    if cluster_ray and cluster_ray != local_ray:
-        problems.append(f"Ray {cluster_ray} on the cluster but {local_ray} here")
-    if cluster_python and cluster_python.split(".")[:2] != local_python.split(".")[:2]:
-        problems.append(f"Python {cluster_python} on the cluster but {local_python} here")
-    if problems:
-        raise KubeRayError(
-            "version skew: "
-            + "; ".join(problems)
-            + ". Install the cluster's versions here (e.g. `pip install ray[serve]=="
-            + (cluster_ray or local_ray)
-            + "`) or use an image that matches this environment."
-        )
 
 
 def _message(e: Any) -> str:
@@ -205,26 +190,6 @@ def _default_namespace(context: str | None) -> str:
     return (chosen or {}).get("context", {}).get("namespace") or "default"
 
 
-def connect_kuberay(
-    name: str,
-    namespace: str | None = None,
-    *,
-    kind: Literal["auto", "RayCluster", "RayService"] = "auto",
-    timeout_s: float = 600.0,
-    progress: Callable[[str], None] | None = None,
-    port_forward: Literal["auto", "kubectl", "client"] = "auto",
-    check_versions: bool = True,
-    api_client: Any = None,
-    context: str | None = None,
-) -> KubeRayConnection:
-    """Find the cluster, wait until it is ready, refuse a Ray/Python version skew, and connect to its head."""
-    kr = KubeRayCluster(name, namespace, kind=kind, api_client=api_client, context=context)
-    kr.wait_ready(timeout_s=timeout_s, progress=progress)
-    if check_versions:
-        check_version_skew(*kr.versions())
-    return kr.connect(port_forward=port_forward)
-
-
 class KubeRayCluster:
     """A RayCluster or RayService by name, seen through the Kubernetes API."""
 
@@ -268,7 +233,7 @@ class KubeRayCluster:
         from urllib3.exceptions import HTTPError
 
         try:
-            return fn(*args, **kw)
+            return fn(*args, _request_timeout=_API_TIMEOUT, **kw)
         except ApiException as e:
             if e.status == 404 and missing_ok:
                 return None
@@ -431,21 +396,41 @@ class KubeRayCluster:
             )
         return sorted(running)[0]
 
-    def auth_token(self, secret: str | None = None, key: str = "auth_token") -> str | None:
-        """Ray's auth token: from Secret `secret` (key `key`) when given, else $RAY_AUTH_TOKEN, else None."""
+    def auth_token(self, secret: str | None = None, cluster: dict[str, Any] | None = None) -> str | None:
+        """Ray's auth token from the cluster's auth Secret (key `auth_token`); None when the cluster has no
+        token auth.
+
+        `secret` names the Secret. Otherwise KubeRay v1.7's own rule for a RayCluster whose spec has
+        `authOptions.mode: token`: the Secret `authOptions.secretName`, or, without one, the Secret the
+        operator generates, named after the RayCluster (for a RayService: its active cluster).
+        """
+        cluster = cluster or self.raycluster()
+        options = (cluster.get("spec") or {}).get("authOptions") or {}
         if secret is None:
-            return os.environ.get("RAY_AUTH_TOKEN") or None
+            if options.get("mode") != "token":
+                return None
+            if options.get("enableK8sTokenAuth"):
+                raise KubeRayError(
+                    f"RayCluster {self.namespace}/{cluster['metadata']['name']} delegates Ray auth to Kubernetes "
+                    "(authOptions.enableK8sTokenAuth) and has no token Secret: pass token= a ServiceAccount token "
+                    "that RBAC grants the ray:write verb"
+                )
+            secret = options.get("secretName") or auth_secret_name(cluster["metadata"]["name"])
         obj = self._call(
             f"get secret {secret!r}", self._core.read_namespaced_secret, secret, self.namespace, missing_ok=True
         )
         if obj is None:
-            raise KubeRayError(f"secret {secret!r} not found in namespace {self.namespace!r}")
-        data = obj.data or {}
-        if key not in data:
             raise KubeRayError(
-                f"secret {self.namespace}/{secret} has no key {key!r} (keys: {', '.join(sorted(data)) or 'none'})"
+                f"auth token secret {secret!r} not found in namespace {self.namespace!r}; with authOptions.mode "
+                "token the KubeRay operator (v1.6 or newer) creates it: is it running? (or pass token=)"
             )
-        return base64.b64decode(data[key]).decode().strip()
+        data = obj.data or {}
+        if AUTH_TOKEN_KEY not in data:
+            raise KubeRayError(
+                f"secret {self.namespace}/{secret} has no key {AUTH_TOKEN_KEY!r} "
+                f"(keys: {', '.join(sorted(data)) or 'none'})"
+            )
+        return base64.b64decode(data[AUTH_TOKEN_KEY]).decode().strip()
 
     # ---- connecting --------------------------------------------------------------------------------
     def connect(self, port_forward: Literal["auto", "kubectl", "client"] = "auto") -> KubeRayConnection:
@@ -483,6 +468,15 @@ class KubeRayCluster:
         )
 
 
+def auth_secret_name(raycluster: str) -> str:
+    """The name KubeRay v1.7 gives the auth Secret it generates for a RayCluster (its utils.CheckName):
+    the last 50 characters of the cluster's name, a leading digit or punctuation replaced by "r"."""
+    name = raycluster[-50:]
+    if name[0].isdigit() or unicodedata.category(name[0]).startswith("P"):
+        name = "r" + name[1:]
+    return name
+
+
 _FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
 
 
@@ -501,18 +495,33 @@ def _kubectl_forward(
     ]
     if context:
         cmd[1:1] = ["--context", context]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
+    forwarding = threading.Event()  # set once every port is known; later lines only need draining
+    stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
 
-    def pump() -> None:
-        # Keep reading for the forward's whole life: kubectl logs every connection and would block on a full pipe.
+    # Both pipes are read for the forward's whole life: kubectl logs every connection (and every failed one to
+    # stderr), and a full pipe would block it.
+    def pump_stdout() -> None:
         for line in proc.stdout:  # type: ignore[union-attr]
-            lines.put(line)
+            if not forwarding.is_set():
+                lines.put(line)
         lines.put(None)
 
-    threading.Thread(target=pump, daemon=True, name=f"kubectl-port-forward-{service}").start()
+    def pump_stderr() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            stderr_tail.append(line.rstrip())
+            log.warning("kubectl port-forward svc/%s: %s", service, line.rstrip())
+
+    pumps = [
+        threading.Thread(target=pump, daemon=True, name=f"kubectl-port-forward-{service}-{name}")
+        for name, pump in (("stdout", pump_stdout), ("stderr", pump_stderr))
+    ]
+    for pump in pumps:
+        pump.start()
 
     def stop() -> None:
+        atexit.unregister(stop)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -521,6 +530,8 @@ def _kubectl_forward(
                 proc.kill()
                 proc.wait()
 
+    # A kernel that exits (or restarts) without closing the connection must not leave kubectl running.
+    atexit.register(stop)
     local: dict[int, int] = {}
     deadline = time.monotonic() + timeout_s
     while len(local) < len(ports):
@@ -532,38 +543,71 @@ def _kubectl_forward(
                 f"`{' '.join(cmd)}` printed no forwarding for ports {ports} within {timeout_s:g}s"
             ) from None
         if line is None:
-            proc.wait()
-            err = proc.stderr.read().strip() if proc.stderr else ""  # type: ignore[union-attr]
+            stop()
+            pumps[1].join(5)
+            err = "\n".join(stderr_tail)
             raise KubeRayError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {err or 'no message'}")
         if m := _FORWARDING.search(line):
             local[int(m.group(2))] = int(m.group(1))
+    forwarding.set()
     return local, stop
 
 
 def _client_forward(api: Any, namespace: str, pod: str, ports: list[int]) -> tuple[dict[int, int], Callable[[], None]]:
-    """Local listeners that relay each accepted connection over its own API-server port-forward stream."""
+    """Local listeners that relay each accepted connection over its own API-server port-forward stream.
+
+    A connection that cannot be forwarded is closed and logged (warning, logger `llmserve_nb.kuberay`),
+    with the API server's reason when it gave one.
+    """
     from kubernetes import client
     from kubernetes.stream import portforward
 
     # `portforward` swaps a method on the ApiClient it is given while it runs, so give it a private one.
-    ws_api = client.CoreV1Api(client.ApiClient(configuration=api.configuration))
+    ws_client = client.ApiClient(configuration=api.configuration)
+    ws_api = client.CoreV1Api(ws_client)
     lock = threading.Lock()
     stopping = threading.Event()
     listeners: list[socket.socket] = []
+    open_forwards: set[Any] = set()
     local: dict[int, int] = {}
 
-    def relay(src: Any, dst: Any) -> None:
+    def close_quietly(s: Any) -> None:
+        try:
+            s.close()
+        except OSError:
+            pass
+
+    def relay(src: Any, dst: Any, port: int) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
-        except OSError:
-            pass
+        except OSError as e:
+            if not stopping.is_set():
+                log.warning("port-forward to pod %s/%s port %d: relay failed: %s", namespace, pod, port, e)
         finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            close_quietly(src)
+            close_quietly(dst)
+
+    def forward(conn: socket.socket, port: int) -> None:
+        try:
+            with lock:
+                pf = portforward(ws_api.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port))
+            remote = pf.socket(port)
+        except Exception as e:  # noqa: BLE001 - one failed connection must not stop the listener
+            log.warning("port-forward to pod %s/%s port %d failed: %s", namespace, pod, port, e)
+            close_quietly(conn)
+            return
+        with lock:
+            open_forwards.add(pf)
+        inbound = threading.Thread(target=relay, args=(conn, remote, port), daemon=True)
+        inbound.start()
+        relay(remote, conn, port)
+        inbound.join()
+        if (error := pf.error(port)) and not stopping.is_set():
+            log.warning("port-forward to pod %s/%s port %d: %s", namespace, pod, port, error.strip())
+        with lock:
+            open_forwards.discard(pf)
+        close_quietly(pf)
 
     def serve(listener: socket.socket, port: int) -> None:
         while not stopping.is_set():
@@ -571,15 +615,7 @@ def _client_forward(api: Any, namespace: str, pod: str, ports: list[int]) -> tup
                 conn, _ = listener.accept()
             except OSError:
                 return
-            try:
-                with lock:
-                    pf = portforward(ws_api.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port))
-                remote = pf.socket(port)
-            except Exception:  # noqa: BLE001 - one failed connection must not stop the listener
-                conn.close()
-                continue
-            threading.Thread(target=relay, args=(conn, remote), daemon=True).start()
-            threading.Thread(target=relay, args=(remote, conn), daemon=True).start()
+            threading.Thread(target=forward, args=(conn, port), daemon=True).start()
 
     for port in ports:
         listener = socket.create_server(("127.0.0.1", 0))
@@ -588,6 +624,7 @@ def _client_forward(api: Any, namespace: str, pod: str, ports: list[int]) -> tup
         threading.Thread(target=serve, args=(listener, port), daemon=True, name=f"port-forward-{pod}-{port}").start()
 
     def stop() -> None:
+        atexit.unregister(stop)
         stopping.set()
         for listener in listeners:
             # close() alone leaves the socket listening while a thread is blocked in accept(); shutdown wakes it.
@@ -596,5 +633,12 @@ def _client_forward(api: Any, namespace: str, pod: str, ports: list[int]) -> tup
             except OSError:
                 pass
             listener.close()
+        with lock:
+            forwards = list(open_forwards)
+            open_forwards.clear()
+        for pf in forwards:
+            close_quietly(pf)
+        ws_client.close()
 
+    atexit.register(stop)
     return local, stop

@@ -1,33 +1,52 @@
-"""The Ray Serve application: an OpenAI-compatible LLM server with dynamic batching.
+"""The Ray Serve application: an OpenAI-compatible LLM server with continuous batching.
 
 One entry point, `build_app(args)`, is used by the Python deploy, `serve run`, the Serve REST API
-and a RayService `serveConfigV2` alike. Requests from all routes (chat, completions, /generate,
-streaming or not) share the same `@serve.batch` queue, so they batch with each other.
+and a RayService `serveConfigV2` alike. The deployment speaks HTTP (`openai_api` holds the wire
+format) and drives the engine only through its protocol (`engine.protocol`): prepare, submit,
+stream, abort, check_health, stats.
 
-Batching has two levels: `@serve.batch` forms admission batches (prefilled together; its
-`max_batch_size` / `batch_wait_timeout_s` are the live `user_config`), and the engine's
-`ContinuousBatcher` merges each admission batch into the running decode loop between steps
-(continuous batching, up to `engine.max_num_seqs` rows).
+Batching has two levels: `@serve.batch` forms admission groups (prefilled together; its
+`max_batch_size` / `batch_wait_timeout_s` are the live `user_config`), and the engine merges each
+group into its running decode loop between steps (continuous batching, up to
+`engine.max_num_seqs` rows). A request returns, ends its stream and frees its
+`max_ongoing_requests` slot the step it finishes; a client that goes away aborts its request.
 """
 
-import asyncio
-import json
 import logging
 import os
 import secrets
-import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, BatchingConfig, nest_dotted
-from llmserve_nb.engine import ContinuousBatcher, GenerationRequest, GenerationResult, load_engine
+from llmserve_nb.engine import (
+    EngineDeadError,
+    GenerationRequest,
+    GenerationResult,
+    PreparedRequest,
+    RequestOutput,
+    RequestStream,
+    TransformersEngine,
+)
+from llmserve_nb.metrics import RequestRecord, ServerMetrics
+from llmserve_nb.openai_api import (
+    CHAT_COMPLETION_MODEL,
+    COMPLETION_MODEL,
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    GenerateResponse,
+    OpenAIError,
+    chat_completion_body,
+    completion_body,
+    install_error_handling,
+    sse_events,
+)
 
 __all__ = ["API_KEY_ENV", "LLMServer", "build_app"]
 
@@ -35,388 +54,214 @@ log = logging.getLogger("ray.serve")
 
 API_KEY_ENV = "LLMSERVE_NB_API_KEY"
 
-
-# ---- request schemas (OpenAI subset) ---------------------------------------------------------
-class _SamplingParams(BaseModel):
-    # Unknown OpenAI fields are accepted (clients send e.g. `user`); unsupported *values* are rejected below.
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, description="Default 16 for completions, 256 for chat.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    ignore_eos: bool = Field(False, description="vLLM-style extension: always generate max_tokens.")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; must be 0.")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; must be 0.")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
-
-    def engine_request(self, default_max: int, **text) -> GenerationRequest:
-        return GenerationRequest(
-            max_tokens=self.max_tokens or default_max,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=self.stop or [],
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-            **text,
-        )
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatCompletionRequest(_SamplingParams):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(_SamplingParams):
-    prompt: Union[str, list[str]]
-    echo: bool = Field(False, description="Not supported.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt list is empty")
-        return v
-
-
-class GenerateRequest(BaseModel):
-    """The original minimal route: text in, text out."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(64, ge=1, le=256)
-
-
-class GenerateResponse(BaseModel):
-    generated_text: str
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type_
-
-
-def _error_body(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": type_, "param": param, "code": status}}
-    )
-
-
 api = FastAPI(
     title="llmserve-nb",
-    description="OpenAI-compatible LLM serving on Ray Serve, with dynamic batching.",
-    version="0.1.0",
+    description="OpenAI-compatible LLM serving on Ray Serve, with continuous batching.",
+    version="0.2.0",
 )
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default is a 422 with a nested list; OpenAI clients expect a 400 with one readable message.
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"] if x != "body")
-        if err["type"] == "json_invalid":
-            parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
-        elif not loc:
-            parts.append("request body must be a JSON object (sent with Content-Type: application/json)")
-        else:
-            parts.append(f"{loc or 'body'}: {err['msg']}")
-    first_param = next(
-        (".".join(str(x) for x in e["loc"] if x != "body") for e in exc.errors() if e["type"] != "json_invalid"), None
-    )
-    return _error_body(400, "; ".join(parts), first_param or None)
-
-
-@api.exception_handler(OpenAIError)
-async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-    return _error_body(exc.status, exc.message, exc.param, exc.type)
-
-
-# ---- batching ----------------------------------------------------------------------------------
-@dataclass
-class _Job:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    queue: asyncio.Queue | None = None  # set for streaming requests
-    enqueued: float = field(default_factory=time.perf_counter)
-
-
-class _BatchStats:
-    """Per-replica record of the batches actually formed, for notebooks and tests."""
-
-    def __init__(self) -> None:
-        self.sizes: Counter[int] = Counter()
-        self.requests = 0
-        self.generated_tokens = 0
-        self.queue_wait_s = 0.0
-
-    def record(self, jobs: list[_Job], results: list[GenerationResult], started: float) -> None:
-        self.sizes[len(jobs)] += 1
-        self.requests += len(jobs)
-        self.generated_tokens += sum(r.completion_tokens for r in results)
-        self.queue_wait_s += sum(started - j.enqueued for j in jobs)
-
-    def as_dict(self) -> dict[str, Any]:
-        batches = sum(self.sizes.values())
-        return {
-            "batches": batches,
-            "requests": self.requests,
-            "batch_size_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
-            "max_batch_size_seen": max(self.sizes, default=0),
-            "mean_batch_size": self.requests / batches if batches else 0.0,
-            "generated_tokens": self.generated_tokens,
-            "mean_queue_wait_s": round(self.queue_wait_s / self.requests, 4) if self.requests else 0.0,
-        }
-
-
-_END = object()  # end-of-stream marker pushed after the last delta of a streaming job
+install_error_handling(api)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class LLMServer:
-    """One replica: a loaded engine behind a dynamic-batching queue."""
+    """One replica: an engine behind an admission queue and the OpenAI routes."""
 
     def __init__(self, config: dict[str, Any]):
         self.config = AppConfig.from_args(config)
-        self.engine = load_engine(self.config.engine)
-        self.stats = _BatchStats()
+        self.engine = TransformersEngine(self.config.engine)
+        # Prometheus metrics (vLLM's names) and this replica's /stats, from the same records.
+        self.metrics = ServerMetrics(self.engine.model_name, engine_stats=self.engine.stats)
+        self._records: dict[str, RequestRecord] = {}
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.api_key = os.environ.get(API_KEY_ENV) or None
-        # The batcher's thread owns the model; batches formed below join its running decode loop
-        # between steps, so a request never waits for an unrelated batch to finish.
-        self.batcher = ContinuousBatcher(self.engine, max_num_seqs=self.config.engine.max_num_seqs)
         self.reconfigure(self.config.batching.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this on deploy and whenever user_config changes, without restarting the replica."""
         batching = BatchingConfig.model_validate(user_config)
-        self._run_batch.set_max_batch_size(batching.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._admit.set_max_batch_size(batching.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         # max_batch_size=1 means batching off altogether: one sequence decoding at a time.
-        self.batcher.max_num_seqs = 1 if batching.max_batch_size == 1 else self.config.engine.max_num_seqs
+        self.engine.max_num_seqs = 1 if batching.max_batch_size == 1 else self.config.engine.max_num_seqs
         self.batching = batching
-        if batching.max_batch_size > self._max_ongoing_requests():
-            log.warning(
-                "max_batch_size %d exceeds max_ongoing_requests %d: batches cannot fill; raise it too",
-                batching.max_batch_size,
-                self._max_ongoing_requests(),
-            )
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: fails when the engine's decode loop has died, so Serve
+        replaces the replica instead of routing requests to an actor that can only answer errors."""
+        self.engine.check_health()
 
     @staticmethod
     def _max_ongoing_requests() -> int:
-        # What Serve enforces for this replica now, which user_config alone cannot change.
+        # What Serve enforces for this replica now (deployment options, updated in place).
         return serve.get_replica_context()._deployment_config.max_ongoing_requests
 
-    # Admission batches: requests that arrive together are prefilled together. Several may be in
-    # flight at once (they merge into the running decode loop), hence max_concurrent_batches.
+    # Admission groups: requests that arrive together are prefilled together. The batch returns as
+    # soon as its requests are submitted; each request then follows its own stream.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=32)
-    async def _run_batch(self, jobs: list[_Job]) -> list[GenerationResult | Exception]:
-        loop = asyncio.get_running_loop()
-
-        def on_token(i: int, delta: str) -> None:
-            q = jobs[i].queue
-            if q is not None:
-                loop.call_soon_threadsafe(q.put_nowait, delta)
-
-        started = time.perf_counter()
+    async def _admit(self, jobs: list[PreparedRequest]) -> list[RequestStream | BaseException]:
+        self.metrics.admission_batch(self._records[j.request_id] for j in jobs if j.request_id in self._records)
         try:
-            future = self.batcher.submit([j.request for j in jobs], on_token, [j.prompt_ids for j in jobs])
-            results = await asyncio.wrap_future(future)
-        except Exception as e:  # surfaces to every request of the batch, as a 500 with the cause
-            log.exception("batch of %d failed", len(jobs))
-            results = [e] * len(jobs)
-        else:
-            self.stats.record(jobs, results, started)
-        for j in jobs:
-            if j.queue is not None:
-                # Scheduled after every on_token callback above, so it always arrives last.
-                loop.call_soon_threadsafe(j.queue.put_nowait, _END)
-        return results
+            return self.engine.submit(jobs)
+        except Exception as e:
+            return [e] * len(jobs)
 
-    # ---- helpers -----------------------------------------------------------------------------
-    def _check(self, request: Request, body: _SamplingParams | None) -> None:
+    # ---- one request's life ------------------------------------------------------------------
+    def _check(self, request: Request, body: Any = None) -> None:
         if self.api_key:
             auth = request.headers.get("authorization", "")
             if not secrets.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                raise OpenAIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", type_="authentication_error")
+                raise OpenAIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                  type_="authentication_error")
         if body is None:
             return
         if body.model and body.model != self.engine.model_name:
-            raise OpenAIError(404, f"model '{body.model}' is not served here; this server serves '{self.engine.model_name}'", "model", "not_found_error")
+            raise OpenAIError(404, f"model '{body.model}' is not served here; this server serves "
+                              f"'{self.engine.model_name}'", "model", "not_found_error")
         limit = self.config.engine.max_tokens_limit
         if body.max_tokens is not None and body.max_tokens > limit:
             raise OpenAIError(400, f"max_tokens={body.max_tokens} exceeds this server's limit of {limit}", "max_tokens")
 
-    def _job(self, req: GenerationRequest, streaming: bool) -> _Job:
+    async def _prepare(self, req: GenerationRequest) -> PreparedRequest:
         try:
-            ids = self.engine.prompt_ids(req)  # tokenized once here, reused by the batcher
+            return await self.engine.prepare(req)
         except ValueError as e:
-            raise OpenAIError(400, str(e)) from None
-        n_prompt = len(ids)
-        if n_prompt + req.max_tokens > self.engine.max_model_len:
-            raise OpenAIError(
-                400,
-                f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds the context length "
-                f"({self.engine.max_model_len}); shorten the prompt or lower max_tokens",
-                "max_tokens",
-            )
-        return _Job(req, ids, asyncio.Queue() if streaming else None)
+            raise OpenAIError(400, str(e), "prompt") from None
 
-    async def _generate(self, job: _Job) -> GenerationResult:
-        result = await self._run_batch(job)
-        if isinstance(result, Exception):
-            raise OpenAIError(500, f"generation failed: {result}", type_="server_error")
-        return result
+    async def _outputs(self, prepared: PreparedRequest, rec: RequestRecord, streamed: bool = False,
+                       ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs. However it ends (done, failed, client gone, cancelled), an unfinished
+        request is aborted in the engine, so no row decodes for nobody. A streamed request's record
+        is finished here (its errors go out in-band, with HTTP 200 already sent)."""
+        stream: RequestStream | None = None
+        self._records[prepared.request_id] = rec  # for the admission batch's metrics
+        try:
+            admitted = await self._admit(prepared)
+            if isinstance(admitted, BaseException):
+                raise admitted
+            stream = admitted
+            async for out in stream:
+                rec.first_token()
+                if out.result is not None and streamed:
+                    r = out.result
+                    rec.finish(200, r.finish_reason, r.prompt_tokens, r.completion_tokens)
+                yield out
+        except EngineDeadError as e:
+            err = OpenAIError(503, f"the engine is not running, the replica is being replaced: {e}",
+                              type_="server_error")
+            rec.finish(err.status, "error")
+            raise err from None
+        except OpenAIError as e:
+            rec.finish(e.status, "error" if e.status >= 500 else None)
+            raise
+        except Exception as e:
+            rec.finish(500, "error")
+            raise OpenAIError(500, f"generation failed: {e}", type_="server_error") from None
+        finally:
+            self._records.pop(prepared.request_id, None)
+            if stream is None or not stream.finished:
+                self.engine.abort(prepared.request_id)
 
-    async def _deltas(self, job: _Job) -> AsyncIterator[str]:
-        """Text deltas of a streaming job; deltas that queued up meanwhile go out as one SSE chunk."""
-        task = asyncio.ensure_future(self._generate(job))
-        assert job.queue is not None
-        while True:
-            item = await job.queue.get()
-            parts = []
-            while item is not _END:
-                parts.append(item)
-                if job.queue.empty():
-                    break
-                item = job.queue.get_nowait()
-            if parts:
-                yield "".join(parts)
-            if item is _END:
-                break
-        job.result = await task  # type: ignore[attr-defined]
+    async def _result(self, prepared: PreparedRequest, rec: RequestRecord) -> GenerationResult:
+        outputs = self._outputs(prepared, rec)
+        try:
+            async for out in outputs:
+                if out.result is not None:
+                    return out.result
+            raise OpenAIError(500, "generation ended without a result", type_="server_error")
+        finally:
+            await outputs.aclose()
+
+    def _sse(self, prepared: PreparedRequest, rec: RequestRecord, kind: str, include_usage: bool) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            outputs = self._outputs(prepared, rec, streamed=True)
+            try:
+                with rec:  # a client that goes away finishes the record as an abort
+                    async for line in sse_events(kind, self.engine.model_name, include_usage, outputs):  # type: ignore[arg-type]
+                        yield line
+            finally:
+                # Runs when the client disconnects too; closing the outputs aborts the request.
+                await outputs.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @staticmethod
-    def _usage(result: GenerationResult) -> dict[str, int]:
-        return {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        }
-
-    def _sse(self, job: _Job, body: _SamplingParams, kind: str) -> StreamingResponse:
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
-        created = int(time.time())
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-        def chunk(choice: dict | None, usage: dict | None = None) -> str:
-            data = {"id": rid, "object": obj, "created": created, "model": self.engine.model_name,
-                    "choices": [choice] if choice else []}
-            if usage is not None:
-                data["usage"] = usage
-            return f"data: {json.dumps(data)}\n\n"
-
-        def choice(text: str | None, finish: str | None, role: bool = False) -> dict:
-            if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                if kind == "chat":
-                    yield chunk(choice(None, None, role=True))
-                async for delta in self._deltas(job):
-                    yield chunk(choice(delta, None))
-                result: GenerationResult = job.result  # type: ignore[attr-defined]
-                yield chunk(choice(None, result.finish_reason))
-                if include_usage:
-                    yield chunk(None, self._usage(result))
-            except OpenAIError as e:
-                # Headers are already sent: report the failure in-band, as OpenAI's API does.
-                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.status}})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def _done(rec: RequestRecord, results: list[GenerationResult]) -> None:
+        reasons = {r.finish_reason for r in results}
+        reason = "abort" if "abort" in reasons else "length" if reasons == {"length"} else "stop"
+        rec.finish(200, reason, sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
 
     # ---- routes ------------------------------------------------------------------------------
-    @api.post("/v1/chat/completions", summary="OpenAI chat completions (streaming with stream=true)")
+    @api.post("/v1/chat/completions", summary="OpenAI chat completions (streaming with stream=true)",
+              response_model=CHAT_COMPLETION_MODEL, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._check(request, body)
-        messages = [m.model_dump() for m in body.messages]
-        job = self._job(body.engine_request(256, messages=messages), body.stream)
-        if body.stream:
-            return self._sse(job, body, "chat")
-        result = await self._generate(job)
-        return {
-            "id": f"chatcmpl-{secrets.token_hex(12)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.engine.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": self._usage(result),
-        }
+        with self.metrics.request("/v1/chat/completions") as rec:
+            self._check(request, body)
+            messages = [m.model_dump() for m in body.messages]
+            prepared = await self._prepare(body.engine_request(256, messages=messages))
+            if body.stream:
+                return self._sse(prepared, rec, "chat", body.include_usage)
+            result = await self._result(prepared, rec)
+            self._done(rec, [result])
+            return chat_completion_body(self.engine.model_name, result)
 
-    @api.post("/v1/completions", summary="OpenAI text completions (streaming with stream=true)")
+    @api.post("/v1/completions", summary="OpenAI text completions (streaming with stream=true)",
+              response_model=COMPLETION_MODEL, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
     async def completions(self, body: CompletionRequest, request: Request):
-        self._check(request, body)
-        if body.echo:
-            raise OpenAIError(400, "echo is not supported", "echo")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if body.stream and len(prompts) > 1:
-            raise OpenAIError(400, "streaming takes a single prompt, not a list", "prompt")
-        jobs = [self._job(body.engine_request(16, prompt=p), body.stream) for p in prompts]
-        if body.stream:
-            return self._sse(jobs[0], body, "completion")
-        results = await asyncio.gather(*(self._generate(j) for j in jobs))
-        usage = [self._usage(r) for r in results]
-        return {
-            "id": f"cmpl-{secrets.token_hex(12)}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.engine.model_name,
-            "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                        for i, r in enumerate(results)],
-            "usage": {k: sum(u[k] for u in usage) for k in usage[0]},
-        }
+        import asyncio
 
-    @api.post("/generate", response_model=GenerateResponse, summary="Plain text generation (greedy)")
+        with self.metrics.request("/v1/completions") as rec:
+            self._check(request, body)
+            if body.echo:
+                raise OpenAIError(400, "echo is not supported", "echo")
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if body.stream and len(prompts) > 1:
+                raise OpenAIError(400, "streaming takes a single prompt, not a list", "prompt")
+            prepared = [await self._prepare(body.engine_request(16, prompt=p)) for p in prompts]
+            if body.stream:
+                return self._sse(prepared[0], rec, "completion", body.include_usage)
+            results = list(await asyncio.gather(*(self._result(p, rec) for p in prepared)))
+            self._done(rec, results)
+            return completion_body(self.engine.model_name, results)
+
+    @api.post("/generate", response_model=GenerateResponse, summary="Plain text generation (greedy)",
+              responses=ERROR_RESPONSES)
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
-        self._check(request, None)
-        req = GenerationRequest(prompt=body.prompt, max_tokens=body.max_new_tokens)
-        result = await self._generate(self._job(req, streaming=False))
-        return GenerateResponse(generated_text=result.text)
+        with self.metrics.request("/generate") as rec:
+            self._check(request)
+            prepared = await self._prepare(GenerationRequest(prompt=body.prompt, max_tokens=body.max_new_tokens))
+            result = await self._result(prepared, rec)
+            self._done(rec, [result])
+            return GenerateResponse(generated_text=result.text)
 
-    @api.get("/v1/models", summary="The served model")
+    @api.get("/v1/models", summary="The served model", responses={401: ERROR_RESPONSES[401]})
     async def models(self, request: Request):
-        self._check(request, None)
-        return {"object": "list", "data": [{"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "llmserve-nb"}]}
+        self._check(request)
+        return {"object": "list", "data": [{"id": self.engine.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llmserve-nb"}]}
 
-    @api.get("/health", summary="Liveness: the replica has its model loaded")
+    @api.get("/health", summary="Readiness: the model is loaded and the engine's decode loop runs",
+             responses={503: ERROR_RESPONSES[503]})
     async def health(self):
+        try:
+            self.engine.check_health()
+        except EngineDeadError as e:
+            return JSONResponse(status_code=503, content=OpenAIError(503, str(e), type_="server_error").body())
         return {"status": "ok", "model": self.engine.model_name}
 
-    @api.get("/stats", summary="This replica's batching statistics and settings")
+    @api.get("/stats", summary="This replica's batching statistics, scheduler state and settings")
     async def replica_stats(self):
         return {
             "replica": self.replica_id,
             "model": self.engine.model_name,
             "batching": self.batching.model_dump(),
             "max_ongoing_requests": self._max_ongoing_requests(),
-            "engine": self.engine.load_timings if hasattr(self.engine, "load_timings") else {},
-            "decode_steps": self.batcher.steps,
-            "running_max": self.batcher.running_max,
-            **self.stats.as_dict(),
+            "engine": self.engine.load_timings,
+            **self.engine.stats(),
+            **self.metrics.as_stats(),
+            # Requests that arrived and are not finished, as the Prometheus gauges read them.
+            "requests_running": self.metrics.running,
+            "requests_waiting": self.metrics.waiting,
         }
 
 

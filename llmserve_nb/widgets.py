@@ -2,16 +2,15 @@
 
 `ServeTuner(app)` shows sliders for the knobs Serve can change without restarting replicas
 (`user_config` batching, autoscaling bounds and target), an Apply button, a load button that drives
-traffic in the background, and a status line plus a replica-count history refreshed while load runs.
-Everything the buttons do is also a method (`set`, `apply`, `run_load`), so papermill runs the same
-code headless.
+traffic in the background (`llmserve_nb.bench`'s closed loop), a status line plus a replica-count history
+refreshed while load runs, and a load line that says how the load went, errors included. Everything the
+buttons do is also a method (`set`, `apply`, `run_load`), so papermill runs the same code headless.
 """
 from __future__ import annotations
 
 import html
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ipywidgets as W
@@ -51,10 +50,13 @@ class ServeTuner:
                                         layout=layout)
         self.load_button = W.Button(description="Run load", icon="play")
         self.status = W.HTML()
+        self.load_status = W.HTML()
         # Stable hooks for browser tests and custom CSS.
         self.status.add_class("llmserve-status")
+        self.load_status.add_class("llmserve-load-status")
         self.max_batch_size.add_class("llmserve-max-batch-size")
         self.history: list[tuple[float, int, int]] = []
+        self.last_load: dict[str, Any] | None = None  # summary of the last load run (llmserve_nb.bench's)
         self._t0 = time.monotonic()
         self._load_thread: threading.Thread | None = None
         self.apply_button.on_click(lambda _: self._guarded(self.apply))
@@ -105,7 +107,8 @@ class ServeTuner:
     # ---- load and status -----------------------------------------------------------------
     def run_load(self, concurrency: int | None = None, seconds: float | None = None, wait: bool = False,
                  max_tokens: int = 32) -> None:
-        """Closed-loop load for `seconds` in a background thread, sampling replicas once a second."""
+        """Closed-loop load (`llmserve_nb.bench`) for `seconds` in a background thread, sampling replicas
+        once a second; the load line shows its outcome and errors."""
         if self._load_thread is not None and self._load_thread.is_alive():
             raise RuntimeError("load is already running")
         concurrency = concurrency or self.load_concurrency.value
@@ -125,38 +128,57 @@ class ServeTuner:
         return running
 
     def _load(self, concurrency: int, seconds: float, max_tokens: int) -> None:
-        stop_at = time.monotonic() + seconds
-        inflight = [0]
-        done = [0]
-        errors: list[str] = []
-        lock = threading.Lock()
+        # A background thread's exception would only reach the kernel log: every failure ends in the load line.
+        self.last_load = None
+        try:
+            self._show_load(f"load: {concurrency} users for {seconds:g}s …")
+            summary = self.last_load = self._drive(concurrency, seconds, max_tokens)
+        except Exception as e:  # noqa: BLE001 - shown to the user, who is not watching a log
+            self._show_load(f"load failed: {type(e).__name__}: {e}", error=True)
+            return
+        note = (f"load done: {summary['completed']} requests in {summary['duration_s']:.0f}s, "
+                f"{summary['output_tok_per_s']:.0f} tok/s")
+        if summary["errors"]:
+            self._show_load(f"{note}, {summary['errors']} errors (e.g. {summary['error_example'][:300]})", error=True)
+        else:
+            self._show_load(note)
 
-        def user(i: int) -> None:
-            while time.monotonic() < stop_at:
-                with lock:
-                    inflight[0] += 1
-                try:
-                    self.app.complete(f"Story {i}:", max_tokens=max_tokens, ignore_eos=True)
-                    with lock:
-                        done[0] += 1
-                except ClusterError as e:
-                    errors.append(str(e))
-                    time.sleep(0.5)
-                finally:
-                    with lock:
-                        inflight[0] -= 1
+    def _drive(self, concurrency: int, seconds: float, max_tokens: int) -> dict[str, Any]:
+        """Run the load next to a once-a-second replica sampler; returns the run's summary."""
+        from llmserve_nb.bench import Workload, run_benchmark
 
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            for i in range(concurrency):
-                pool.submit(user, i)
-            while time.monotonic() < stop_at:
-                self._sample(inflight[0])
-                time.sleep(1.0)
-        self._sample(0)
-        note = f"load done: {done[0]} requests in {seconds:.0f}s"
-        if errors:
-            note += f", {len(errors)} errors (last: {html.escape(errors[-1][:200])})"
-        self.refresh(note=note)
+        # Bounded by count as well as duration: more requests than the users could finish in `seconds`.
+        workload = Workload(num_requests=max(concurrency, int(concurrency * seconds * 10)), input_tokens=16,
+                            output_tokens=max_tokens, duration_s=seconds, timeout_s=self.app.request_timeout_s,
+                            stream=False)
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["run"] = run_benchmark(self.app.base_url, workload, concurrency=concurrency,
+                                               model=self.app.model, label="tuner load", progress=False,
+                                               api_key=self.app.api_key)
+            except Exception as e:  # noqa: BLE001 - re-raised in the load thread below
+                outcome["error"] = e
+
+        driver = threading.Thread(target=run, daemon=True, name="tuner-load")
+        driver.start()
+        sampling_failed = False
+        while True:
+            # A closed loop keeps every user's request in flight until the run ends.
+            ongoing = concurrency if driver.is_alive() else 0
+            try:
+                self._sample(ongoing)
+            except ClusterError as e:
+                if not sampling_failed:
+                    self._show_load(f"load running; replica sampling failed: {e}", error=True)
+                sampling_failed = True
+            if not ongoing:
+                break
+            driver.join(1.0)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["run"].summary()
 
     def _sample(self, ongoing: int) -> int:
         st = self.app.status()
@@ -182,6 +204,10 @@ class ServeTuner:
 
     def _show(self, text: str) -> None:
         self.status.value = text
+
+    def _show_load(self, text: str, error: bool = False) -> None:
+        style = " style='color:#b00'" if error else ""
+        self.load_status.value = f"<span{style}>{html.escape(text)}</span>"
 
     def _guarded(self, action) -> None:
         # A click handler's exception would vanish into the kernel log: show it where the user looks.
@@ -218,7 +244,7 @@ class ServeTuner:
             self.max_batch_size, self.batch_wait_timeout_s,
             W.HTML("<b>Replicas</b>"), self.autoscaling, self.replicas, self.target_ongoing_requests,
             self.apply_button,
-            W.HTML("<b>Load</b>"), self.load_concurrency, self.load_seconds, self.load_button,
+            W.HTML("<b>Load</b>"), self.load_concurrency, self.load_seconds, self.load_button, self.load_status,
             self.status,
         ])
 

@@ -7,6 +7,9 @@ import pytest
 
 API_KEY = "test-key-123"
 
+# Ray's dashboard gets 60 s to come up by default; on a loaded 2-core CI machine that is not always enough.
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
+
 
 @pytest.fixture(scope="session")
 def engine():

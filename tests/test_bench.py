@@ -19,11 +19,13 @@ from starlette.routing import Route
 
 from llmserve_nb import bench
 from llmserve_nb.bench import BenchRun, RequestResult, Workload
+from llmserve_nb.bench.metrics import _percentile
 
 TTFT = 0.15  # the fake server's delay before the first chunk
 GAP = 0.05  # between chunks
 PER_CHUNK = 2  # tokens per chunk, so ITL (per chunk) and TPOT (per token) differ
 SLACK = 0.005  # asyncio timers may fire this early
+EOS_AT = 5  # mode "eos": without ignore_eos the fake model ends after this many tokens
 
 
 def _sse(obj) -> bytes:
@@ -35,6 +37,7 @@ class FakeOpenAI:
 
     def __init__(self):
         self.bodies: list[dict] = []
+        self.hung_up = 0  # streams the server saw the client leave before their end
         self.app = Starlette(routes=[
             Route("/{mode}/v1/models", self.models),
             Route("/{mode}/v1/completions", self.completions, methods=["POST"]),
@@ -48,6 +51,9 @@ class FakeOpenAI:
         body = await request.json()
         self.bodies.append(body)
         n = body["max_tokens"]
+        if mode == "eos" and not body.get("ignore_eos"):
+            n = min(n, EOS_AT)
+        gap = GAP * 4 if mode == "slowgap" else GAP
         if mode == "auth" and request.headers.get("authorization") != "Bearer sekret":
             return JSONResponse({"error": {"message": "invalid or missing API key"}}, status_code=401)
         if mode == "http400":
@@ -61,23 +67,27 @@ class FakeOpenAI:
             return Response("<html>oops</html>", media_type="text/html")
 
         async def stream():
-            if mode == "slow":
-                await asyncio.sleep(3)
-            await asyncio.sleep(TTFT)
-            chunks = math.ceil(n / PER_CHUNK)
-            for i in range(chunks):
-                if i:
-                    await asyncio.sleep(GAP)
-                yield _sse({"choices": [{"index": 0, "text": "ab" * PER_CHUNK}], "usage": None})
-                if mode == "truncated" and i == 1:
-                    return
-                if mode == "garbage" and i == 0:
-                    yield b"data: {not json\n\n"
-                if mode == "errorevent" and i == 0:
-                    yield _sse({"error": {"message": "out of KV cache"}})
-            if mode != "nousage":
-                yield _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
-            yield b"data: [DONE]\n\n"
+            try:
+                if mode == "slow":
+                    await asyncio.sleep(3)
+                await asyncio.sleep(TTFT)
+                chunks = math.ceil(n / PER_CHUNK)
+                for i in range(chunks):
+                    if i:
+                        await asyncio.sleep(gap)
+                    yield _sse({"choices": [{"index": 0, "text": "ab" * PER_CHUNK}], "usage": None})
+                    if mode == "truncated" and i == 1:
+                        return
+                    if mode == "garbage" and i == 0:
+                        yield b"data: {not json\n\n"
+                    if mode == "errorevent" and i == 0:
+                        yield _sse({"error": {"message": "out of KV cache"}})
+                if mode != "nousage":
+                    yield _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
+                yield b"data: [DONE]\n\n"
+            except (asyncio.CancelledError, GeneratorExit):
+                self.hung_up += 1
+                raise
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -144,8 +154,8 @@ def test_percentile_matches_numpy():
     np = pytest.importorskip("numpy")
     vals = [random.Random(3).random() for _ in range(37)]
     for q in (0, 50, 90, 99, 100):
-        assert bench._percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
-    assert math.isnan(bench._percentile([], 50))
+        assert _percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
+    assert math.isnan(_percentile([], 50))
 
 
 def test_prompts_are_deterministic_and_sized():
@@ -156,6 +166,71 @@ def test_prompts_are_deterministic_and_sized():
     items = Workload(num_requests=50, input_tokens=(10, 20), output_tokens=(4, 9), seed=5).items()
     assert {n_in for _, n_in, _ in items} <= set(range(10, 21)) and len({n for _, _, n in items}) > 1
     assert items == Workload(num_requests=50, input_tokens=(10, 20), output_tokens=(4, 9), seed=5).items()
+
+
+def test_mixed_workload_lengths_are_reproducible_and_span_the_range():
+    wl = bench.mixed_workload(2000, seed=4)
+    outs = [n for _, _, n in wl.items()]
+    assert outs == [n for _, _, n in bench.mixed_workload(2000, seed=4).items()]
+    assert outs != [n for _, _, n in bench.mixed_workload(2000, seed=5).items()]
+    assert min(outs) == 16 and 480 <= max(outs) <= 512
+    # Log-uniform over [16, 513): P(n <= 32) = ln(33/16) / ln(513/16) = 0.209, median near sqrt(16 * 513) = 90.6;
+    # a uniform draw would give 0.034 and 264.
+    assert 0.17 < sum(n <= 32 for n in outs) / len(outs) < 0.25
+    assert 75 < sorted(outs)[len(outs) // 2] < 110
+    assert wl.ignore_eos is False and "ignore_eos" not in wl.body("p", 16, None)
+    # The fixed-length workload draws exactly what it did before the mixed one existed.
+    assert {n for _, _, n in Workload(num_requests=50).items()} == {64}
+
+
+def test_drops_are_seeded_and_leave_prompts_alone():
+    wl = Workload(num_requests=1000, output_tokens=(4, 9), drop_fraction=0.25, drop_after_chunks=(2, 5), seed=3)
+    drops = wl.drops()
+    assert drops == Workload(num_requests=1000, output_tokens=(4, 9), drop_fraction=0.25,
+                             drop_after_chunks=(2, 5), seed=3).drops()
+    assert 0.2 < sum(d is not None for d in drops) / 1000 < 0.3
+    assert {d for d in drops if d is not None} == {2, 3, 4, 5}
+    assert wl.items() == Workload(num_requests=1000, output_tokens=(4, 9), seed=3).items()
+    assert Workload(num_requests=5, drop_fraction=1.0, stream=False).drops() == [None] * 5
+    with pytest.raises(ValueError):
+        Workload(drop_fraction=1.5)
+
+
+def _ok(i, e2e, out, ttft=0.1, chunks=None, start=0.0):
+    chunks = chunks if chunks is not None else [ttft + (e2e - ttft) * k / max(1, out - 1) for k in range(out)]
+    return RequestResult(i, "ok", streamed=True, start_s=start, end_s=start + e2e, ttft_s=ttft, e2e_s=e2e,
+                         chunk_times_s=chunks, output_tokens=out, expected_output_tokens=512)
+
+
+def test_short_and_long_requests_are_split_by_actual_tokens():
+    rs = [_ok(0, 1.0, 32), _ok(1, 3.0, 20), _ok(2, 2.0, 33), _ok(3, 10.0, 400), _ok(4, 6.0, 100),
+          RequestResult(5, "dropped", streamed=True, start_s=0, end_s=0.5, chunk_times_s=[0.1], output_tokens=1),
+          RequestResult(6, "error", error_kind="timeout", error="t")]
+    s = BenchRun("x", "u", "m", Workload(num_requests=7), 4, None, 10.0, rs).summary()
+    assert (s["short_requests"], s["long_requests"], s["completed"], s["dropped"], s["errors"]) == (2, 3, 5, 1, 1)
+    assert s["short_e2e_ms_p50"] == pytest.approx(2000.0) and s["short_e2e_ms_p99"] == pytest.approx(1000 + 0.99 * 2000)
+    assert s["long_e2e_ms_p50"] == pytest.approx(6000.0)
+    assert s["output_tok_per_s"] == pytest.approx((32 + 20 + 33 + 400 + 100) / 10.0)  # the dropped token is not useful
+    assert s["e2e_ms_p50"] == pytest.approx(3000.0)  # dropped and failed requests are in no percentile
+
+
+def test_windows_attribute_tokens_by_chunk_time_and_requests_by_end():
+    # Request 0 streams 10 tokens in 5 chunks across the first boundary (3 chunks before it, 2 after).
+    r0 = _ok(0, 14.0, 10, ttft=5.0, chunks=[5.0, 6.0, 8.0, 11.0, 14.0], start=1.0)  # TPOT 1 s
+    r1 = _ok(1, 3.0, 4, ttft=1.0, chunks=[1.0, 3.0], start=12.0)  # 2 tokens per chunk, TPOT 2/3 s
+    err = RequestResult(2, "error", error_kind="http_5xx", error="x", start_s=15.0, end_s=16.0)
+    # Cut at the end after 2 chunks: counted at the completed requests' 14 tokens / 7 chunks.
+    cut = RequestResult(3, "incomplete", streamed=True, start_s=17.0, chunk_times_s=[1.0, 2.0])
+    run_ = BenchRun("x", "u", "m", Workload(num_requests=4), 2, None, 20.3, [r0, r1, err, cut])
+    w = run_.windows(10.0)
+    assert [row["window"] for row in w] == [1, 2]  # the 0.3 s overshoot joins the last window
+    assert w[0]["streamed_tok_per_s"] == pytest.approx(6 / 10.0)
+    assert w[1]["streamed_tok_per_s"] == pytest.approx((4 + 4 + 4) / 10.3)
+    assert (w[0]["completed"], w[1]["completed"], w[1]["errors"]) == (0, 2, 1)
+    assert w[1]["tpot_ms_p50"] == pytest.approx((1000 + 2 / 3 * 1000) / 2)
+    assert math.isnan(w[0]["tpot_ms_p50"])
+    table = bench.soak_table(run_, 10.0)
+    assert math.isnan(table["tpot_vs_first"].iloc[-1])  # nothing ended in the first window: no ratio, no crash
 
 
 # ---- against the fake server ---------------------------------------------------------------
@@ -180,6 +255,51 @@ def test_streaming_timings_and_usage(fake):
     # 4 chunks of 2 tokens: a chunk gap is ~2 token times, so ITL (per chunk) > TPOT (per token).
     assert s["itl_ms_p50"] > s["tpot_ms_p50"] * 1.5
     assert s["output_tok_per_s"] == pytest.approx(24 / r.duration_s)
+
+
+def test_dropped_clients_are_counted_and_the_server_keeps_serving(fake):
+    before = fake.hung_up
+    # 16 tokens = 8 chunks; every dropping client leaves after 2 of them.
+    r = run(fake.url + "/ok", num_requests=12, concurrency=3, output_tokens=16, drop_fraction=0.5,
+            drop_after_chunks=2, seed=1)
+    expected = [d is not None for d in r.workload.drops()]
+    assert 0 < sum(expected) < 12
+    assert [rr.status for rr in r.results] == ["dropped" if d else "ok" for d in expected]
+    s = r.summary()
+    assert (s["dropped"], s["errors"], s["completed"]) == (sum(expected), 0, 12 - sum(expected))
+    for rr in r.results:
+        if rr.status == "dropped":
+            assert len(rr.chunk_times_s) == 2 and rr.tokens_from == "chunks" and math.isnan(rr.e2e_s)
+    # The server noticed each hang-up (its stream was cancelled), and requests after a drop completed.
+    deadline = time.monotonic() + 5
+    while fake.hung_up - before < sum(expected) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.hung_up - before == sum(expected)
+    first_drop_end = min(rr.end_s for rr in r.results if rr.status == "dropped")
+    assert any(rr.status == "ok" and rr.start_s > first_drop_end for rr in r.results)
+
+
+def test_eos_honoured_ends_requests_early_and_splits_short_ones(fake):
+    r = run(fake.url + "/eos", num_requests=4, output_tokens=40, ignore_eos=False)
+    s = r.summary()
+    assert s["completed"] == 4 and s["short_outputs"] == 4 and s["mean_output_tokens"] == EOS_AT
+    assert (s["short_requests"], s["long_requests"]) == (4, 0) and s["short_e2e_ms_p50"] > 0
+    assert math.isnan(s["long_e2e_ms_p50"])
+    r = run(fake.url + "/eos", num_requests=2, output_tokens=40)  # ignore_eos: all 40, so long
+    assert r.summary()["long_requests"] == 2 and r.summary()["mean_output_tokens"] == 40
+
+
+def test_soak_is_bounded_and_reports_windows(fake):
+    t0 = time.monotonic()
+    run_ = bench.soak(fake.url + "/ok", Workload(num_requests=10_000, output_tokens=4), duration_s=1.2,
+                      concurrency=2, progress=False)
+    assert time.monotonic() - t0 < 4
+    table = bench.soak_table(run_, 0.4)
+    assert list(table["window"]) == [1, 2, 3]
+    assert (table["completed"] > 0).all() and (table["errors"] == 0).all()
+    assert table["tpot_vs_first"].iloc[0] == pytest.approx(1.0)
+    # Fake decode speed is constant, so the drift ratio stays near 1 (loose: CI shares its cores).
+    assert 0.5 < table["tpot_vs_first"].iloc[-1] < 2.0
 
 
 def test_without_usage_counts_chunks_or_tokenizer(fake):
@@ -290,7 +410,7 @@ def test_open_loop_respects_duration(fake):
     assert r.duration_s < duration + 3.0  # loose: a loaded CI machine delays the cut-off, never removes it
 
 
-def test_sweep_report_files_and_ratios(fake, tmp_path):
+def test_sweep_report_files(fake, tmp_path):
     report = bench.sweep(fake.url + "/ok", Workload(num_requests=2, output_tokens=4), concurrency=[1, 2],
                          label="fake", progress=False)
     summary = report.summary()
@@ -302,13 +422,25 @@ def test_sweep_report_files_and_ratios(fake, tmp_path):
     assert len(report.requests()) == 4
     assert paths["summary"].read_text().startswith("label,")
 
-    other = summary.copy()
-    other["label"] = "half"
-    other["output_tok_per_s"] = summary["output_tok_per_s"] / 2
-    both = bench.ratio_table(__import__("pandas").concat([summary, other], ignore_index=True))
-    assert list(both["output_tok_per_s_ratio"]) == pytest.approx([1, 1, 0.5, 0.5])
-    md = bench.to_markdown(both, ["label", "concurrency", "output_tok_per_s_ratio"])
-    assert md.splitlines()[0] == "| label | concurrency | output_tok_per_s_ratio |" and "| half | 2 | 0.50 |" in md
+
+def test_ratio_table_divides_by_the_baseline_at_the_same_level():
+    pd = pytest.importorskip("pandas")
+    summary = pd.DataFrame([
+        {"label": "a", "concurrency": 1, "output_tok_per_s": 20.0, "ttft_ms_p50": 100.0, "tpot_ms_p50": 50.0, "e2e_ms_p50": 1000.0},
+        {"label": "a", "concurrency": 8, "output_tok_per_s": 80.0, "ttft_ms_p50": 200.0, "tpot_ms_p50": 60.0, "e2e_ms_p50": 1500.0},
+        {"label": "b", "concurrency": 8, "output_tok_per_s": 120.0, "ttft_ms_p50": 100.0, "tpot_ms_p50": 90.0, "e2e_ms_p50": 3000.0},
+        {"label": "b", "concurrency": 32, "output_tok_per_s": 300.0, "ttft_ms_p50": 400.0, "tpot_ms_p50": 99.0, "e2e_ms_p50": 9000.0},
+    ])
+    t = bench.ratio_table(summary).set_index(["label", "concurrency"])
+    assert t.loc[("b", 8), "output_tok_per_s_ratio"] == pytest.approx(1.5)
+    assert t.loc[("b", 8), "ttft_ms_p50_ratio"] == pytest.approx(0.5)
+    assert t.loc[("b", 8), "tpot_ms_p50_ratio"] == pytest.approx(1.5)
+    assert t.loc[("b", 8), "e2e_ms_p50_ratio"] == pytest.approx(2.0)
+    assert math.isnan(t.loc[("b", 32), "output_tok_per_s_ratio"])  # "a" never ran c=32
+    flipped = bench.ratio_table(summary, baseline="b").set_index(["label", "concurrency"])
+    assert flipped.loc[("a", 8), "output_tok_per_s_ratio"] == pytest.approx(80 / 120)
+    md = bench.to_markdown(flipped.reset_index(), ["label", "concurrency", "output_tok_per_s_ratio"])
+    assert md.splitlines()[0] == "| label | concurrency | output_tok_per_s_ratio |" and "| a | 8 | 0.67 |" in md
 
 
 def test_plots_render(fake):
@@ -323,17 +455,17 @@ def test_plots_render(fake):
 
 
 class _FakeCluster:
-    """Stands in for `cluster.connect()`: every deploy points at the fake server."""
+    """Stands in for `cluster.connect()`: the n-th deploy points at the n-th URL."""
 
-    def __init__(self, url):
-        self.url, self.deployed, self.shut = url, [], 0
+    def __init__(self, urls):
+        self.urls, self.deployed, self.shut = list(urls), [], 0
 
     def deploy(self, cfg):
         self.deployed.append(cfg)
-        cluster = self
+        cluster, url = self, self.urls[len(self.deployed) - 1]
 
         class App:
-            base_url, model = cluster.url, "fake-model"
+            base_url, model = url, "fake-model"
 
             def shutdown(self):
                 cluster.shut += 1
@@ -345,15 +477,19 @@ def test_compare_configs_deploys_each_and_shuts_down(fake, tmp_path):
     from llmserve_nb.config import AppConfig
 
     base = AppConfig()
-    cluster = _FakeCluster(fake.url + "/ok")
+    # The second "config" is a server whose chunk gaps are 4x longer: its throughput ratio must show it.
+    cluster = _FakeCluster([fake.url + "/ok", fake.url + "/slowgap", fake.url + "/ok"])
     table = bench.compare_configs(
         cluster, [base, base.with_overrides(**{"batching.max_batch_size": 1}), ("two", base)],
-        Workload(num_requests=2, output_tokens=2), concurrency=[1], out_dir=tmp_path, progress=False,
+        Workload(num_requests=2, output_tokens=8), concurrency=[1], out_dir=tmp_path, progress=False,
     )
     assert len(cluster.deployed) == 3 and cluster.shut == 3
     assert list(table["label"]) == ["baseline", "batching.max_batch_size=1", "two"]
-    assert table["output_tok_per_s_ratio"].iloc[0] == pytest.approx(1.0)
     assert (table["completed"] == 2).all()
+    tps = list(table["output_tok_per_s"])
+    assert table["output_tok_per_s_ratio"].iloc[1] == pytest.approx(tps[1] / tps[0])
+    assert table["output_tok_per_s_ratio"].iloc[1] < 0.8
+    assert table["tpot_ms_p50_ratio"].iloc[1] > 1.5
     assert len(list(tmp_path.glob("*/report.json"))) == 3
 
 
@@ -371,6 +507,16 @@ def test_cli_tiny_workload(fake, tmp_path, capsys):
     assert rc == 0
     assert out.startswith("| label | concurrency |") and out.count("\n| run |") == 2
     assert json.loads((tmp_path / "b" / "report.json").read_text())["runs"][1]["summary"]["completed"] == 2
+
+
+def test_cli_mixed_soak(fake, capsys):
+    rc = _cli(["bench", "--url", fake.url + "/eos", "--concurrency", "2", "--requests", "1000", "--mixed",
+               "--max-tokens", "4-40", "--drop-fraction", "0.3", "--soak", "0.02", "--window", "0.6", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("| window | completed |") and "TPOT p50, last window / first:" in out
+    body = fake.bodies[-1]
+    assert "ignore_eos" not in body and 4 <= body["max_tokens"] <= 40
 
 
 def test_cli_server_down_exits_1_with_reason(capsys):

@@ -1,8 +1,10 @@
-"""The rendered k8s/ tree: valid against the KubeRay CRDs and Kubernetes schemas, committed == rendered,
-serveConfigV2 == AppConfig.to_serve_config(), and the CPU overlay's patches produce the CPU RayService.
+"""The rendered k8s/ tree: valid against the KubeRay, Gateway API and Prometheus Operator CRDs and the
+Kubernetes schemas, committed == rendered, serveConfigV2 == AppConfig.to_serve_config(), no Secret with a
+literal value, Ray token auth everywhere, and the CPU and rollout overlays' patches produce the intended
+RayServices.
 
-The overlay check applies the JSON6902 patches in this file (and, when kubectl is on PATH, also compares
-with `kubectl kustomize`), so it tests the patches themselves, not just the files' structure.
+The overlay checks apply the JSON6902 patches in this file (and, when kubectl is on PATH, also compare
+with `kubectl kustomize`), so they test the patches themselves, not just the files' structure.
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ def test_every_rendered_object_validates(crds, rendered):
         "RayService",
         "RayCluster",
         "NetworkPolicy",
-        "Secret",
         "Namespace",
         "HorizontalPodAutoscaler",
         "Deployment",
         "Kustomization",
+        "ConfigMap",
+        "PodMonitor",
+        "PrometheusRule",
+        "Gateway",
+        "HTTPRoute",
     } <= kinds
     errors = {
         f"{rel}:{d['kind']}/{d['metadata'].get('name') if 'metadata' in d else ''}": k8s.validate_manifest(d, crds=crds)
@@ -87,6 +93,18 @@ def test_serve_config_v2_is_the_yaml_of_to_serve_config(rendered):
         assert yaml.safe_load(text) == k8s.profile(prof).to_serve_config()
     committed = yaml.safe_load((K8S / "base" / "rayservice-gpu.yaml").read_text())
     assert yaml.safe_load(committed["spec"]["serveConfigV2"]) == k8s.profile("gpu").to_serve_config()
+
+
+def test_vllm_rayservice_serves_the_vllm_profile_through_ray_serve_llm(crds, rendered):
+    [svc] = rendered["rayservice-vllm-gpu.yaml"]
+    assert svc["metadata"]["name"] == "llm-vllm"
+    assert svc["spec"]["serveConfigV2"] == yaml.safe_dump(k8s.profile("vllm-gpu").to_serve_config(), sort_keys=False)
+    app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    [llm_config] = app["args"]["llm_configs"]
+    assert llm_config["accelerator_config"] == {"kind": "gpu"}
+    assert llm_config["placement_group_config"]["bundle_per_worker"]["GPU"] == 1
+    assert k8s.validate_manifest(svc, crds=crds) == []
 
 
 def test_gpu_profile_asks_one_gpu_per_replica(rendered):
@@ -153,9 +171,54 @@ def test_network_policy_limits_head_and_serve_ports(rendered):
     )
 
 
-def test_api_key_secret_is_a_marked_placeholder(rendered):
-    secret = rendered["base/api-key-secret.yaml"][0]
-    assert "placeholder" in secret["stringData"]["api-key"] and "REPLACE" in secret["stringData"]["api-key"]
+def _committed_docs():
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            yield path, doc
+
+
+def test_no_committed_manifest_holds_a_secret_value():
+    # An `apply -k` must never deploy a key that is public because it sits in the repository.
+    for path, doc in _committed_docs():
+        if isinstance(doc, dict) and doc.get("kind") == "Secret":
+            assert not doc.get("data") and not doc.get("stringData"), f"{path}: Secret with literal data"
+        if isinstance(doc, dict) and doc.get("kind") == "Kustomization":
+            for gen in doc.get("secretGenerator", []):
+                assert not gen.get("literals"), f"{path}: secretGenerator with literals"
+    assert not (K8S / "base" / "api-key-secret.yaml").exists()
+
+
+def test_api_key_secret_comes_from_a_git_ignored_env_file(rendered):
+    kz = rendered["base/kustomization.yaml"][0]
+    [gen] = kz["secretGenerator"]
+    assert gen["name"] == "llmserve-api-key" and gen["namespace"] == "llmserve" and gen["envs"] == ["api-key.env"]
+    # kustomize cannot rewrite a hashed name inside KubeRay's pod templates, so the name must stay fixed.
+    assert gen["options"]["disableNameSuffixHash"] is True
+    assert "api-key.env" in (K8S / "base" / ".gitignore").read_text().splitlines()
+    example = (K8S / "base" / "api-key.env.example").read_text()
+    assert "openssl rand" in example
+    # The template defines no key: every non-comment line is blank, so copying it deploys nothing usable.
+    assert all(not line.strip() or line.startswith("#") for line in example.splitlines())
+
+
+def test_missing_env_file_without_template_is_reported(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "kustomization.yaml").write_text(
+        yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                        "secretGenerator": [{"name": "s", "envs": ["key.env"]}]})
+    )
+    [error] = k8s.validate_files([base])
+    assert "'key.env' is missing" in error and "key.env.example" in error and ".gitignore" in error
+    (base / "key.env.example").write_text("# how to create key.env\n")
+    (base / ".gitignore").write_text("key.env\n")
+    assert k8s.validate_files([base]) == []
+
+
+def test_readme_documents_rotation_and_the_ray_token_secret():
+    readme = (K8S / "README.md").read_text()
+    assert "api-key.env" in readme and "Rotating the API key" in readme
+    assert "`auth_token`" in readme and "auth_token_secret_name" in readme
 
 
 def test_pods_get_the_api_key_under_the_name_serve_app_reads(rendered):
@@ -209,19 +272,7 @@ def test_cpu_overlay_refers_to_existing_files():
 
 
 def test_cpu_overlay_patches_produce_the_cpu_rayservice(crds):
-    kz = yaml.safe_load((K8S / "overlays" / "cpu" / "kustomization.yaml").read_text())
-    base_dir = K8S / "overlays" / "cpu" / kz["resources"][0]
-    base_files = yaml.safe_load((base_dir / "kustomization.yaml").read_text())["resources"]
-    target = kz["patches"][0]["target"]
-    services = [
-        d
-        for f in base_files
-        for d in yaml.safe_load_all((base_dir / f).read_text())
-        if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]
-    ]
-    assert len(services) == 1
-    ops = yaml.safe_load((K8S / "overlays" / "cpu" / kz["patches"][0]["path"]).read_text())
-    patched = _json6902(services[0], ops)
+    patched = _overlay_service("overlays/cpu")
     assert patched == k8s.cpu_rayservice()
     assert k8s.validate_manifest(patched, crds=crds) == []
     serve = yaml.safe_load(patched["spec"]["serveConfigV2"])
@@ -231,13 +282,177 @@ def test_cpu_overlay_patches_produce_the_cpu_rayservice(crds):
     assert "nvidia.com/gpu" not in yaml.safe_dump(patched) and "tolerations" not in yaml.safe_dump(patched)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not on PATH")
-def test_kubectl_kustomize_builds_the_same_cpu_rayservice():
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / "cpu")], capture_output=True, text=True, timeout=120, check=True
-    ).stdout
-    services = [d for d in yaml.safe_load_all(out) if d["kind"] == "RayService"]
-    assert services == [k8s.cpu_rayservice()]
+def _overlay_service(overlay: str) -> dict:
+    """The RayService an overlay produces: its base's RayService with the overlay's JSON6902 patch applied."""
+    folder = K8S / overlay
+    kz = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    base_dir = folder / next(r for r in kz["resources"] if (folder / r / "kustomization.yaml").is_file())
+    base_files = yaml.safe_load((base_dir / "kustomization.yaml").read_text())["resources"]
+    [patch] = kz["patches"]
+    target = patch["target"]
+    [service] = [
+        d
+        for f in base_files
+        for d in yaml.safe_load_all((base_dir / f).read_text())
+        if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]
+    ]
+    return _json6902(service, yaml.safe_load((folder / patch["path"]).read_text()))
+
+
+def test_rollout_overlay_makes_the_gpu_rayservice_upgrade_incrementally(crds):
+    patched = _overlay_service("rollout")
+    assert patched == k8s.rollout_rayservice()
+    assert k8s.validate_manifest(patched, crds=crds) == []
+    strategy = patched["spec"]["upgradeStrategy"]
+    assert strategy["type"] == "NewClusterWithIncrementalUpgrade"
+    opts = strategy["clusterUpgradeOptions"]
+    assert set(opts) == {"gatewayClassName", "maxSurgePercent", "stepSizePercent", "intervalSeconds"}
+    assert 0 < opts["stepSizePercent"] <= opts["maxSurgePercent"] <= 100 and opts["intervalSeconds"] > 0
+    assert patched["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert yaml.safe_load(patched["spec"]["serveConfigV2"]) == k8s.profile("gpu").to_serve_config()
+    assert "num_gpus" in yaml.safe_dump(yaml.safe_load(patched["spec"]["serveConfigV2"]))
+
+
+def test_rollout_split_routes_to_both_versions_and_leaves_kuberays_names_alone(rendered):
+    kz = rendered["rollout/kustomization.yaml"][0]
+    objs = {d["kind"]: d for rel in kz["resources"] if rel.endswith(".yaml") for d in rendered[f"rollout/{rel}"]}
+    gateway, route, v2 = objs["Gateway"], objs["HTTPRoute"], objs["RayService"]
+    # KubeRay owns <name>-gateway and <name>-httproute during incremental upgrades; ours must not collide.
+    assert gateway["metadata"]["name"] != "llm-gateway" and route["metadata"]["name"] != "llm-httproute"
+    assert route["spec"]["parentRefs"] == [{"name": gateway["metadata"]["name"], "sectionName": "http"}]
+    assert gateway["spec"]["gatewayClassName"] == k8s.rollout_rayservice()["spec"]["upgradeStrategy"][
+        "clusterUpgradeOptions"]["gatewayClassName"]
+    v2_svc = f"{v2['metadata']['name']}-serve-svc"
+    by_path = {r["matches"][0]["path"]["value"]: r for r in route["spec"]["rules"]}
+    assert [b["name"] for b in by_path["/v2"]["backendRefs"]] == [v2_svc]
+    assert by_path["/v2"]["filters"][0]["urlRewrite"]["path"]["replacePrefixMatch"] == "/"
+    weights = {b["name"]: b["weight"] for b in by_path["/"]["backendRefs"]}
+    assert weights == {"llm-serve-svc": 90, v2_svc: 10}
+    assert all(b["port"] == 8000 for r in route["spec"]["rules"] for b in r["backendRefs"])
+    assert yaml.safe_load(v2["spec"]["serveConfigV2"])["applications"][0]["name"] == "llm-v2"
+    assert v2["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith(
+        "0.2.0-gpu")
+
+
+def test_incremental_upgrade_rules_of_kuberay_are_enforced(crds):
+    svc = k8s.rollout_rayservice()
+    svc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = False
+    _one(k8s.validate_manifest(svc, crds=crds), "enableInTreeAutoscaling")
+    svc = k8s.rollout_rayservice()
+    svc["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["stepSizePercent"] = 80
+    _one(k8s.validate_manifest(svc, crds=crds), "stepSizePercent", "maxSurgePercent")
+    svc = k8s.rollout_rayservice()
+    del svc["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["gatewayClassName"]
+    _one(k8s.validate_manifest(svc, crds=crds), "clusterUpgradeOptions", "'gatewayClassName'")  # CRD: required
+    with pytest.raises(ValueError, match="step_size_percent"):
+        k8s.RolloutSpec(step_size_percent=60, max_surge_percent=50)
+
+
+def test_new_kinds_are_checked_against_their_crds(rendered):
+    route = copy.deepcopy(rendered["rollout/httproute-split.yaml"][0])
+    route["spec"]["rules"][1]["backendRefs"][0]["wieght"] = 1
+    _one(k8s.validate_manifest(route), "spec.rules[1].backendRefs[0]", "'wieght'")
+    gateway = copy.deepcopy(rendered["rollout/gateway.yaml"][0])
+    del gateway["spec"]["gatewayClassName"]
+    _one(k8s.validate_manifest(gateway), "'gatewayClassName'")
+    monitor = copy.deepcopy(rendered["observability/podmonitors.yaml"][0])
+    monitor["spec"]["podMetricsEndpoints"][0]["port"] = 8080
+    _one(k8s.validate_manifest(monitor), "podMetricsEndpoints[0].port")
+    rule = copy.deepcopy(rendered["observability/prometheusrule.yaml"][0])
+    rule["spec"]["groups"][0]["rules"][0]["fro"] = "5m"
+    _one(k8s.validate_manifest(rule), "spec.groups[0].rules[0]", "'fro'")
+
+
+# ---- Ray token auth ------------------------------------------------------------------------------
+def _ray_cluster_specs(rendered):
+    for rel, d in _objects(rendered):
+        if d["kind"] == "RayCluster":
+            yield rel, d["metadata"]["name"], d["spec"]
+        elif d["kind"] == "RayService":
+            yield rel, d["metadata"]["name"], d["spec"]["rayClusterConfig"]
+
+
+def test_every_ray_cluster_requires_the_ray_token(rendered):
+    specs = list(_ray_cluster_specs(rendered))
+    assert len(specs) >= 5
+    for rel, name, spec in specs:
+        assert spec["authOptions"] == {"mode": "token"}, f"{rel}:{name}"
+    assert k8s.cpu_rayservice()["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+
+
+def test_token_auth_needs_a_recent_ray(crds, rendered):
+    svc = _gpu_service(rendered)
+    svc["spec"]["rayClusterConfig"]["rayVersion"] = "2.50.0"
+    _one(k8s.validate_manifest(svc, crds=crds), "rayVersion", "2.52.0")
+
+
+def test_hpa_workers_join_with_the_token_kuberay_generated(rendered):
+    env = rendered["optional/hpa/ray-gpu-workers.yaml"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
+    token = {"secretKeyRef": {"name": "llm-notebook", "key": "auth_token"}}
+    assert {"name": "RAY_AUTH_TOKEN", "valueFrom": token} in env
+
+
+@pytest.mark.parametrize(
+    "cluster, secret",
+    [
+        ("llm-notebook", "llm-notebook"),
+        ("llm-x7k2q", "llm-x7k2q"),  # a RayService's generated cluster name
+        ("a" * 10 + "b" * 50, "b" * 50),  # CheckName keeps the last 50 characters
+        ("9lives", "rlives"),  # ... and replaces a leading digit
+        ("x" * 11 + "-" + "y" * 49, "r" + "y" * 49),  # ... or a leading punctuation mark left by the cut
+    ],
+)
+def test_auth_token_secret_name_follows_kuberays_check_name(cluster, secret):
+    assert k8s.auth_token_secret_name(cluster) == (secret, "auth_token")
+
+
+_needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (built-in kustomize) not on PATH")
+
+
+def _kustomize(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tree_with_key(tmp_path_factory) -> Path:
+    """A copy of k8s/ with the git-ignored api-key.env created the way the template says."""
+    tree = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("api-key.env"))
+    (tree / "base" / "api-key.env").write_text("api-key=0123456789abcdef-test-only\n")
+    return tree
+
+
+@_needs_kubectl
+def test_kubectl_kustomize_refuses_the_base_until_the_key_file_exists(tmp_path):
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("api-key.env"))
+    r = _kustomize(tree / "base")
+    assert r.returncode != 0 and "api-key.env" in r.stderr
+
+
+@_needs_kubectl
+@pytest.mark.parametrize("folder", ["base", "overlays/cpu", "rollout", "observability", "optional/hpa"])
+def test_kubectl_kustomize_builds_objects_that_validate(tree_with_key, crds, folder):
+    r = _kustomize(tree_with_key / folder)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    errors = {f"{d['kind']}/{d['metadata']['name']}": k8s.validate_manifest(d, crds=crds) for d in docs}
+    assert {k: v for k, v in errors.items() if v} == {}
+    if folder == "base":
+        [secret] = [d for d in docs if d["kind"] == "Secret"]
+        assert secret["metadata"]["name"] == "llmserve-api-key" and set(secret["data"]) == {"api-key"}
+
+
+@_needs_kubectl
+@pytest.mark.parametrize(
+    "folder, expected", [("overlays/cpu", k8s.cpu_rayservice), ("rollout", k8s.rollout_rayservice)]
+)
+def test_kubectl_kustomize_builds_the_overlay_rayservice(tree_with_key, folder, expected):
+    r = _kustomize(tree_with_key / folder)
+    assert r.returncode == 0, r.stderr
+    services = [d for d in yaml.safe_load_all(r.stdout) if d["kind"] == "RayService" and d["metadata"]["name"] == "llm"]
+    assert services == [expected()]
 
 
 # ---- validation catches what the API server (or Serve) would reject ------------------------------

@@ -4,25 +4,33 @@ The server is kmock's `KubernetesEmulator`: a stateful fake of the API server th
 create and answers get/list/patch/status over real HTTP, driven by the real `kubernetes` client. It is not
 a kube-apiserver: it ignores label selectors, has no RBAC, no resourceVersion and no port-forward
 websocket, so forbidden answers are injected and the client-library port-forward's relaying is not covered.
-Test names say `fake_apiserver` to keep that visible.
+Test names say `fake_apiserver` to keep that visible. The public path, `llmserve_nb.connect(kuberay=...,
+api_client=...)`, is tested end to end against it with two more fakes from test_cluster_client: a `kubectl` script
+on PATH that prints kubectl's port-forward lines, pointing at a FakeDashboard that checks the bearer token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import logging
 import os
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import kmock
 import pytest
 from kubernetes import client
 
-from llmserve_nb.kuberay import KubeRayCluster, KubeRayError, check_version_skew, connect_kuberay, versions_from_image
+from llmserve_nb import AppConfig, ClusterError, DeployError, connect
+from llmserve_nb.kuberay import KubeRayCluster, KubeRayError, auth_secret_name, versions_from_image
+from test_cluster_client import FakeDashboard
 
 NS = "team-a"
 HEAD_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
@@ -292,24 +300,56 @@ def test_fake_apiserver_head_pod_is_filtered_client_side(fake_apiserver):
         kr.head_pod("c")
 
 
-def test_fake_apiserver_port_forward_through_kubectl(fake_apiserver, tmp_path, monkeypatch):
-    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
-    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
-    record = tmp_path / "kubectl-args"
+def _fake_kubectl(tmp_path: Path, monkeypatch, forwards: dict[int, int] | None = None, stderr_bytes: int = 0) -> Path:
+    """Put a FAKE `kubectl` first on PATH: it prints what `kubectl port-forward` prints, then stays up like it.
+
+    `forwards` maps remote ports to the local ports it claims (default 40000 + port % 10000). It records its pid
+    and arguments in `kubectl-args`. With `stderr_bytes` it then writes that much to stderr and touches
+    `stderr-written`, which it reaches only while someone reads its stderr (a pipe holds 64 KiB).
+    """
+    record, marker = tmp_path / "kubectl-args", tmp_path / "stderr-written"
+    mapping = json.dumps({str(k): v for k, v in (forwards or {}).items()})
     fake = tmp_path / "kubectl"
-    # Prints what kubectl port-forward prints for `:PORT` arguments (a random local port each), then blocks.
     fake.write_text(f"""#!{sys.executable}
-import os, sys, time
+import json, os, sys, time
+forwards = json.loads({mapping!r})
 open({str(record)!r}, "w").write(str(os.getpid()) + "\\n" + " ".join(sys.argv[1:]))
 for a in sys.argv[1:]:
     if a.startswith(":"):
-        print(f"Forwarding from 127.0.0.1:{{40000 + int(a[1:]) % 10000}} -> {{a[1:]}}", flush=True)
-        print(f"Forwarding from [::1]:{{40000 + int(a[1:]) % 10000}} -> {{a[1:]}}", flush=True)
+        local = forwards.get(a[1:], 40000 + int(a[1:]) % 10000)
+        print(f"Forwarding from 127.0.0.1:{{local}} -> {{a[1:]}}", flush=True)
+        print(f"Forwarding from [::1]:{{local}} -> {{a[1:]}}", flush=True)
+for _ in range({stderr_bytes} // 100):
+    sys.stderr.write("E0101 portforward.go: an error occurred forwarding 8265 -> 8265".ljust(99) + "\\n")
+sys.stderr.flush()
+open({str(marker)!r}, "w").close()
 time.sleep(60)
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    return record
+
+
+def _kubectl_pid(record: Path) -> int:
+    return int(record.read_text().split("\n")[0])
+
+
+def _gone(pid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_fake_apiserver_port_forward_through_kubectl(fake_apiserver, tmp_path, monkeypatch):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    record = _fake_kubectl(tmp_path, monkeypatch)
     conn = _cluster(fake_apiserver).connect(port_forward="kubectl")
     pid, args = record.read_text().split("\n")
     assert args == f"port-forward --address 127.0.0.1 -n {NS} svc/nb-head-svc :8265 :8000 :10001"
@@ -323,6 +363,37 @@ time.sleep(60)
     conn.close()
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid), 0)
+
+
+def test_fake_apiserver_kubectl_stderr_is_drained_so_it_never_blocks(fake_apiserver, tmp_path, monkeypatch, caplog):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    _fake_kubectl(tmp_path, monkeypatch, stderr_bytes=256 * 1024)
+    with caplog.at_level(logging.WARNING, logger="llmserve_nb.kuberay"), _cluster(fake_apiserver).connect(
+        port_forward="kubectl"
+    ):
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "stderr-written").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "stderr-written").exists(), "kubectl blocked on a full stderr pipe"
+    assert any("an error occurred forwarding 8265" in r.getMessage() for r in caplog.records)
+
+
+def test_fake_apiserver_kubectl_is_stopped_when_the_kernel_exits_without_closing(fake_apiserver, tmp_path, monkeypatch):
+    fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    record = _fake_kubectl(tmp_path, monkeypatch)
+    kernel = f"""
+from kubernetes import client
+from llmserve_nb.kuberay import KubeRayCluster
+cfg = client.Configuration()
+cfg.host = {fake_apiserver.url!r}
+conn = KubeRayCluster("nb", {NS!r}, api_client=client.ApiClient(cfg)).connect(port_forward="kubectl")
+print(conn.dashboard_url)
+"""  # and exits without conn.close()
+    done = subprocess.run([sys.executable, "-c", kernel], capture_output=True, text=True, timeout=60, env=os.environ)
+    assert done.returncode == 0 and "http://127.0.0.1:48265" in done.stdout, done.stderr[-2000:]
+    assert _gone(_kubectl_pid(record)), "kubectl port-forward outlived the process that started it"
 
 
 def test_fake_apiserver_kubectl_failure_shows_its_stderr(fake_apiserver, tmp_path, monkeypatch):
@@ -339,7 +410,7 @@ def test_fake_apiserver_kubectl_failure_shows_its_stderr(fake_apiserver, tmp_pat
         _cluster(fake_apiserver).connect(port_forward="kubectl")
 
 
-def test_fake_apiserver_client_port_forward_listens_locally_until_closed(fake_apiserver, monkeypatch):
+def test_fake_apiserver_client_port_forward_logs_failures_and_closes(fake_apiserver, monkeypatch, caplog):
     fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
     fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
     fake_apiserver.core.create_namespaced_pod(
@@ -356,69 +427,153 @@ def test_fake_apiserver_client_port_forward_listens_locally_until_closed(fake_ap
     conn = _cluster(fake_apiserver).connect(port_forward="client")
     port = int(conn.dashboard_url.rsplit(":", 1)[1])
     assert conn.how == "port-forward" and conn.dashboard_url.startswith("http://127.0.0.1:")
-    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    with caplog.at_level(logging.WARNING, logger="llmserve_nb.kuberay"):
+        # The fake API server has no port-forward websocket: the relay fails, and says so in the log.
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.settimeout(10)
+            assert s.recv(1) == b""  # closed by the forwarder, not left hanging
+        deadline = time.monotonic() + 10
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert any(f"port-forward to pod {NS}/nb-head-0 port 8265 failed" in r.getMessage() for r in caplog.records)
     conn.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
-def test_fake_apiserver_token_comes_from_a_secret_or_the_environment(fake_apiserver, monkeypatch):
-    fake_apiserver.core.create_namespaced_secret(
+def _secret(server: FakeApiServer, name: str, data: dict[str, bytes]) -> None:
+    server.core.create_namespaced_secret(
         NS,
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "ray-token"},
-            "data": {"auth_token": base64.b64encode(b"s3cret\n").decode()},
+            "metadata": {"name": name},
+            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
         },
     )
-    kr = _cluster(fake_apiserver)
-    assert kr.auth_token("ray-token") == "s3cret"
-    with pytest.raises(KubeRayError, match=r"secret team-a/ray-token has no key 'token' \(keys: auth_token\)"):
-        kr.auth_token("ray-token", key="token")
-    with pytest.raises(KubeRayError, match=r"secret 'absent' not found in namespace 'team-a'"):
-        kr.auth_token("absent")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    assert kr.auth_token() == "from-env"
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    assert kr.auth_token() is None
 
 
-def test_version_skew_is_refused_with_both_versions():
-    check_version_skew("2.60.0", "3.11", local_ray="2.60.0", local_python="3.11.7")
-    check_version_skew(None, None, local_ray="2.60.0", local_python="3.11.7")
-    with pytest.raises(
-        KubeRayError,
-        match=r"Ray 2\.59\.1 on the cluster but 2\.60\.0 here; Python 3\.10 on the cluster but 3\.11\.7 here",
-    ):
-        check_version_skew("2.59.1", "3.10", local_ray="2.60.0", local_python="3.11.7")
+def test_fake_apiserver_token_comes_from_the_clusters_auth_secret(fake_apiserver, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "this-machines-token")  # never sent to a KubeRay cluster
+    _secret(fake_apiserver, "nb", {"auth_token": b"generated\n"})
+    _secret(fake_apiserver, "mine", {"auth_token": b"chosen"})
+    _secret(fake_apiserver, "bad", {"token": b"x"})
+    fake_apiserver.add_cr("RayCluster", "plain", RC_SPEC, READY)
+    fake_apiserver.add_cr("RayCluster", "nb", {**RC_SPEC, "authOptions": {"mode": "token"}}, READY)
+    fake_apiserver.add_cr("RayCluster", "named", {**RC_SPEC, "authOptions": {"mode": "token", "secretName": "mine"}})
+    fake_apiserver.add_cr("RayCluster", "off", {**RC_SPEC, "authOptions": {"mode": "disabled"}})
+    k8s_auth = {"mode": "token", "enableK8sTokenAuth": True}
+    fake_apiserver.add_cr("RayCluster", "k8s", {**RC_SPEC, "authOptions": k8s_auth})
+    fake_apiserver.add_cr("RayCluster", "lost", {**RC_SPEC, "authOptions": {"mode": "token"}})
+    assert _cluster(fake_apiserver, "plain").auth_token() is None
+    assert _cluster(fake_apiserver, "off").auth_token() is None
+    assert _cluster(fake_apiserver, "nb").auth_token() == "generated"  # the Secret KubeRay generates
+    assert _cluster(fake_apiserver, "named").auth_token() == "chosen"  # authOptions.secretName
+    assert _cluster(fake_apiserver, "nb").auth_token("mine") == "chosen"  # token_secret= overrides
+    assert _cluster(fake_apiserver, "plain").auth_token("mine") == "chosen"
+    with pytest.raises(KubeRayError, match=r"secret team-a/bad has no key 'auth_token' \(keys: token\)"):
+        _cluster(fake_apiserver, "nb").auth_token("bad")
+    with pytest.raises(KubeRayError, match=r"auth token secret 'lost' not found in namespace 'team-a'"):
+        _cluster(fake_apiserver, "lost").auth_token()
+    with pytest.raises(KubeRayError, match=r"enableK8sTokenAuth.*pass token="):
+        _cluster(fake_apiserver, "k8s").auth_token()
 
 
-@pytest.mark.parametrize(
-    "image, expected",
-    [
-        ("rayproject/ray:2.60.0-py311-gpu", ("2.60.0", "3.11")),
-        ("registry:5000/rayproject/ray:2.60.0-py39", ("2.60.0", "3.9")),
-        ("registry:5000/llmserve-nb", (None, None)),
-        ("llmserve-nb:0.1.0-gpu", (None, None)),
-        ("rayproject/ray", (None, None)),
-    ],
-)
+@pytest.mark.parametrize("cluster, secret", [
+    ("nb", "nb"),
+    ("llm-x7k2p", "llm-x7k2p"),
+    ("a" * 10 + "-" + "b" * 50, "b" * 50),  # KubeRay keeps the last 50 characters ...
+    ("a" * 10 + "-" + "c" * 49, "r" + "c" * 49),  # ... and replaces a leading punctuation
+    ("1nb", "rnb"),
+])
+def test_auth_secret_name_follows_kuberay(cluster, secret):
+    assert auth_secret_name(cluster) == secret
+
+
+@pytest.mark.parametrize("image, expected", [
+    ("rayproject/ray:2.60.0-py311-gpu", ("2.60.0", "3.11")),
+    ("registry:5000/rayproject/ray:2.60.0-py39", ("2.60.0", "3.9")),
+    ("registry:5000/llmserve-nb", (None, None)),
+    ("llmserve-nb:0.1.0-gpu", (None, None)),
+    ("rayproject/ray", (None, None)),
+])
 def test_versions_from_image_tags(image, expected):
     assert versions_from_image(image) == expected
 
 
-def test_fake_apiserver_connect_kuberay_waits_then_refuses_a_version_skew(fake_apiserver, monkeypatch):
+@pytest.fixture()
+def head(fake_apiserver, tmp_path, monkeypatch):
+    """A FAKE dashboard behind a fake `kubectl port-forward`: what connect(kuberay=...) reaches outside a pod."""
+    dashboard = FakeDashboard(token="s3cret")
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
+    fake_apiserver.add_service("llm-x7k2p-head-svc", HEAD_PORTS)
+    _secret(fake_apiserver, "nb", {"auth_token": b"s3cret"})
+    _secret(fake_apiserver, "llm-x7k2p", {"auth_token": b"s3cret"})
+    _secret(fake_apiserver, "custom", {"auth_token": b"custom-token"})
+    dashboard.kubectl = _fake_kubectl(tmp_path, monkeypatch, forwards={8265: dashboard.port, 8000: 48000})
+    yield dashboard
+    dashboard.stop()
+
+
+def _connect(server: FakeApiServer, name: str = "nb", **kw):
+    return connect(kuberay=name, namespace=NS, api_client=server.api, port_forward="kubectl", timeout_s=5, **kw)
+
+
+TOKEN_RC_SPEC = {**RC_SPEC, "rayVersion": "2.60.0", "authOptions": {"mode": "token"}}
+
+
+def test_fake_apiserver_connect_kuberay_uses_the_auth_secret(fake_apiserver, head, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "this-machines-token")
+    fake_apiserver.add_cr("RayCluster", "nb", TOKEN_RC_SPEC, READY)
+    cluster = _connect(fake_apiserver)
+    assert (cluster.kind, cluster.how, cluster.managed_by) == ("kuberay", "port-forward", None)
+    assert (cluster.dashboard_url, cluster.serve_url) == (head.url, "http://127.0.0.1:48000")
+    assert {h.get("Authorization") for _, _, h, _ in head.requests} == {"Bearer s3cret"}
+    cluster.shutdown()
+    assert _gone(_kubectl_pid(head.kubectl)), "shutdown() left the port-forward running"
+
+
+def test_fake_apiserver_connect_kuberay_explicit_token_and_token_secret_win(fake_apiserver, head):
+    fake_apiserver.add_cr("RayCluster", "nb", TOKEN_RC_SPEC, READY)
+    with pytest.raises(ClusterError, match=rf"dashboard at {head.url} rejected our credentials"):
+        _connect(fake_apiserver, token="explicit")
+    assert _gone(_kubectl_pid(head.kubectl)), "a failed connect left the port-forward running"
+    head.token = "custom-token"
+    _connect(fake_apiserver, token_secret="custom").shutdown()
+    head.token = "explicit"
+    _connect(fake_apiserver, token="explicit", token_secret="custom").shutdown()
+
+
+def test_fake_apiserver_connect_kuberay_to_a_rayservice_is_managed(fake_apiserver, head):
+    fake_apiserver.add_cr("RayService", "llm", {"rayClusterConfig": TOKEN_RC_SPEC}, {
+        "conditions": [_cond("Ready", True, "RunningServeApps")],
+        "activeServiceStatus": {"rayClusterName": "llm-x7k2p", "applicationStatuses": {"llm": {"status": "RUNNING"}}},
+    })
+    fake_apiserver.add_cr("RayCluster", "llm-x7k2p", TOKEN_RC_SPEC, READY)  # its Secret is named after it
+    head.add_app(AppConfig().to_application())
+    cluster = _connect(fake_apiserver, "llm")
+    assert cluster.managed_by == "llm"
+    with pytest.raises(DeployError, match="belongs to RayService 'llm'"):
+        cluster.deploy(AppConfig())
+    assert cluster.app("llm").name == "llm"
+    cluster.shutdown()
+    assert set(head.apps) == {"llm"} and not [r for r in head.requests if r[0] in ("PUT", "DELETE")]
+
+
+def test_fake_apiserver_connect_kuberay_refuses_a_version_skew(fake_apiserver, head):
     import ray
 
-    old = {**RC_SPEC, "rayVersion": "2.9.3"}
-    fake_apiserver.add_cr("RayCluster", "nb", old, READY)
-    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    with pytest.raises(KubeRayError, match=rf"version skew: Ray 2\.9\.3 on the cluster but {ray.__version__} here"):
-        connect_kuberay("nb", NS, timeout_s=1, api_client=fake_apiserver.api)
-    with connect_kuberay("nb", NS, timeout_s=1, api_client=fake_apiserver.api, check_versions=False) as conn:
-        assert conn.how == "in-cluster-dns" and conn.ray_version == "2.9.3"
+    fake_apiserver.add_cr("RayCluster", "nb", TOKEN_RC_SPEC, READY)
+    head.ray_version = "2.9.3"
+    with pytest.raises(ClusterError, match=rf"the cluster runs ray 2\.9\.3, this kernel has ray {ray.__version__}"):
+        _connect(fake_apiserver)
+    head.ray_version = ray.__version__
+    old_python = {**TOKEN_RC_SPEC, "headGroupSpec": {"template": {"spec": {"containers": [
+        {"name": "ray-head", "image": f"rayproject/ray:{ray.__version__}-py39"}]}}}}
+    fake_apiserver.custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayclusters", "nb", {"spec": old_python})
+    with pytest.raises(ClusterError, match=r"the cluster runs Python 3\.9, this kernel has Python"):
+        _connect(fake_apiserver)
+    _connect(fake_apiserver, check_version=False).shutdown()
 
 
 def test_fake_apiserver_reached_through_a_kubeconfig_with_its_namespace(fake_apiserver, tmp_path, monkeypatch):

@@ -15,3 +15,4 @@ def test_tune_notebook_scales_up_and_down(tmp_path):
     assert res["batching_after_apply"]["max_batch_size"] == 4
     assert res["max_replicas_seen"] == 2, res["history"]
     assert res["replicas_after_load"] == 1, res["history"]
+    assert res["load"]["completed"] > 0 and res["load"]["errors"] == 0, res["load"]

@@ -75,6 +75,8 @@ def test_generate_models_health(app):
         ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 100000}, 400, "exceeds this server's limit"),
         ("/v1/completions", {"prompt": "word " * 3000, "max_tokens": 10}, 400, "exceeds the context length"),
         ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "single prompt"),
+        ("/v1/completions", {"prompt": "", "max_tokens": 4}, 400, "prompt must not be empty"),
+        ("/v1/completions", {"prompt": ["ok", ""], "max_tokens": 4}, 400, "prompt must not be empty"),
     ],
 )
 def test_bad_requests_get_clear_4xx(app, path, body, status, fragment):
@@ -115,7 +117,7 @@ def test_reconfigure_is_live_without_restarting_the_replica(app):
     after = app.stats()
     assert after["replica"] == before["replica"]
     assert after["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
-    assert after["max_ongoing_requests"] == 8
+    assert after["max_ongoing_requests"] == 64 + 4  # derived from the engine and the batch, updated in place
     burst = app.burst(n=8, max_tokens=8)
     assert burst["max_batch_size_seen"] <= 4
     app.reconfigure(max_batch_size=8, batch_wait_timeout_s=0.1)
@@ -135,3 +137,134 @@ def test_attach_to_a_running_app_by_name(cluster, app):
     assert "Paris" in attached.chat("What is the capital of France?", max_tokens=24)
     with pytest.raises(Exception, match="no Serve application 'nope'"):
         cluster.app("nope")
+
+
+def _h():
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _wait(predicate, timeout=60.0, what="condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_short_request_returns_when_done_not_when_its_long_peer_is(app):
+    """Regression: an 8-token request sent together with a 200-token one took as long as the long one
+    (one future per admission group), holding its max_ongoing_requests slot all that time."""
+    import time
+
+    def one(max_tokens):
+        t0 = time.perf_counter()
+        r = httpx.post(f"{app.base_url}/v1/completions", headers=_h(), timeout=300, json={
+            "prompt": "Tell me about ships", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(one, 200)
+        time.sleep(0.05)
+        short = pool.submit(one, 8)
+        short_s, long_s = short.result(), long.result()
+    assert short_s < 0.4 * long_s, (short_s, long_s)
+
+
+def test_empty_prompt_fails_alone_and_requests_in_flight_are_unharmed(app):
+    """Regression: `{"prompt": ""}` reached the engine as an empty sequence; its prefill raised and the
+    batcher failed the four unrelated requests already decoding."""
+    import time
+
+    def decode(i):
+        return httpx.post(f"{app.base_url}/v1/completions", headers=_h(), timeout=300, json={
+            "prompt": f"Count to ten, take {i}", "max_tokens": 48, "ignore_eos": True, "temperature": 0})
+
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(decode, i) for i in range(4)]
+        time.sleep(1.0)
+        bad = httpx.post(f"{app.base_url}/v1/completions", headers=_h(), timeout=60, json={"prompt": ""})
+        results = [f.result() for f in running]
+    assert bad.status_code == 400 and "prompt must not be empty" in bad.json()["error"]["message"]
+    assert [r.status_code for r in results] == [200] * 4
+    assert all(r.json()["usage"]["completion_tokens"] == 48 for r in results)
+
+
+def test_a_dropped_stream_is_aborted_and_stops_costing_compute(app):
+    """Regression: a client that closed its stream kept its row decoding to max_tokens."""
+    before = app.stats()
+    body = {"model": app.model, "prompt": "Write a very long story", "max_tokens": 400, "ignore_eos": True,
+            "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, headers=_h(), timeout=120) as r:
+        lines = 0
+        for line in r.iter_lines():
+            lines += bool(line)
+            if lines >= 3:
+                break  # the client goes away mid-stream
+    after = _wait(lambda: (s := app.stats())["aborted"] > before["aborted"] and s["num_requests_running"] == 0 and s,
+                  what="the dropped stream to be aborted")
+    steps = after["decode_steps"]
+    assert steps - before["decode_steps"] < 200  # far fewer than the 400 tokens asked for
+    import time
+
+    time.sleep(1.0)
+    assert app.stats()["decode_steps"] == steps  # nothing decodes for nobody
+
+
+def test_a_client_that_gives_up_on_a_plain_request_aborts_it(app):
+    before = app.stats()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{app.base_url}/v1/completions", headers=_h(), timeout=httpx.Timeout(1.5, connect=5), json={
+            "prompt": "Write a very long story", "max_tokens": 400, "ignore_eos": True, "temperature": 0})
+    after = _wait(lambda: (s := app.stats())["aborted"] > before["aborted"] and s["num_requests_running"] == 0 and s,
+                  what="the abandoned request to be aborted")
+    assert after["generated_tokens"] - before["generated_tokens"] < 200
+
+
+def test_deployment_options_change_in_place_without_restart_or_reload(cluster, app):
+    """Regression: autoscaling bounds and max_ongoing_requests travelled in the app's args, so changing them
+    replaced the replica and reloaded the model. Now Serve updates them in place."""
+    def replicas():
+        deps = cluster.serve_details()["applications"][app.name]["deployments"]
+        return {r["replica_id"] for r in deps["LLMServer"]["replicas"] if r["state"] == "RUNNING"}
+
+    def serve_option(key):
+        return cluster.serve_details()["applications"][app.name]["deployments"]["LLMServer"]["deployment_config"].get(key)
+
+    ids, stats = replicas(), app.stats()
+    original = app.config
+    changed = original.with_overrides(**{
+        # Autoscaling switched on with new bounds (no load, so it stays at one replica).
+        "deployment.autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
+        "deployment.max_ongoing_requests": 40,
+    })
+    try:
+        app.update(changed, timeout_s=300)
+        _wait(lambda: serve_option("max_ongoing_requests") == 40
+              and serve_option("autoscaling_config")["max_replicas"] == 2, what="Serve to apply the new options")
+        assert app.stats()["max_ongoing_requests"] == 40
+        assert replicas() == ids
+        assert app.stats()["replica"] == stats["replica"]
+        assert app.stats()["engine"] == stats["engine"]  # same load, same timings: no reload
+    finally:
+        app.update(original, timeout_s=300)
+        _wait(lambda: serve_option("max_ongoing_requests") == original.max_ongoing_requests,
+              what="the original options back")
+    assert replicas() == ids
+
+
+def test_openapi_documents_the_statuses_the_app_returns(app):
+    doc = httpx.get(f"{app.base_url}/openapi.json", timeout=30).json()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in chat and {"200", "400", "401", "404", "500", "503"} <= set(chat)
+    assert "text/event-stream" in chat["200"]["content"]
+
+
+def test_replica_torch_threads_follow_its_cpu_allotment(app):
+    """Regression: the engine took every core of the node while Serve gave the replica num_cpus=1, so two
+    replicas on two cores fought over them."""
+    assert app.stats()["engine"]["torch_threads"] == int(app.config.deployment.num_cpus)

@@ -43,7 +43,32 @@ def test_load_runs_in_the_background_and_records_history(app):
     t.run_load(concurrency=2, seconds=3, wait=True, max_tokens=8)
     assert t.history and all(replicas == 1 for _, replicas, _ in t.history)
     assert max(ongoing for _, _, ongoing in t.history) >= 1
-    assert "load done:" in t.status.value and "errors" not in t.status.value
+    assert "load done:" in t.load_status.value and "errors" not in t.load_status.value
+    assert "color:#b00" not in t.load_status.value
+    assert t.last_load["completed"] > 0 and t.last_load["errors"] == 0, t.last_load
+
+
+def test_background_load_errors_show_in_the_load_line():
+    dead = Cluster("http://127.0.0.1:9", "http://127.0.0.1:9", kind="address", how="test")
+    t = ServeTuner(AppHandle(dead, AppConfig()))
+    t.run_load(concurrency=2, seconds=1, wait=True, max_tokens=4)
+    line = t.load_status.value
+    assert "color:#b00" in line and "errors (e.g. connect:" in line, line
+    assert t.load_status in t.widget.children
+
+
+def test_a_crash_of_the_load_thread_shows_in_the_load_line(monkeypatch):
+    import llmserve_nb.bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the load generator broke")
+
+    monkeypatch.setattr(llmserve_nb.bench, "run_benchmark", broken)
+    dead = Cluster("http://127.0.0.1:9", "http://127.0.0.1:9", kind="address", how="test")
+    t = ServeTuner(AppHandle(dead, AppConfig()))
+    t.run_load(concurrency=1, seconds=1, wait=True)
+    assert "load failed: RuntimeError: the load generator broke" in t.load_status.value
+    assert "color:#b00" in t.load_status.value
 
 
 def test_a_dead_cluster_shows_in_the_status_line_instead_of_raising():

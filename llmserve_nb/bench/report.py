@@ -1,0 +1,117 @@
+"""Tables: markdown without `tabulate`, ratios between labels, config comparisons, soak windows."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from llmserve_nb.bench.metrics import BenchReport, BenchRun
+from llmserve_nb.bench.runner import sweep
+from llmserve_nb.bench.workload import Workload
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SUMMARY_COLUMNS = (
+    "label", "concurrency", "rate", "completed", "errors", "incomplete", "dropped", "req_per_s", "output_tok_per_s",
+    "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "itl_ms_p50", "e2e_ms_p50", "e2e_ms_p99",
+    "short_requests", "short_e2e_ms_p50", "short_e2e_ms_p99",
+)
+_RATIO_METRICS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50")
+
+
+def to_markdown(df: pd.DataFrame, columns: Sequence[str] | None = None, digits: int = 2) -> str:
+    """A GitHub-markdown table (no `tabulate` dependency)."""
+    cols = list(columns) if columns is not None else list(df.columns)
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df[cols].itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def ratio_table(summary: pd.DataFrame, baseline: str | None = None, metrics: Sequence[str] = _RATIO_METRICS) -> pd.DataFrame:
+    """Each row's metrics divided by the baseline label's at the same concurrency/rate.
+
+    Adds `<metric>_ratio` columns (baseline = the first label when not given). A throughput ratio
+    above 1 and latency ratios below 1 mean better than the baseline. A level the baseline did not
+    run gets NaN.
+    """
+    df = summary.copy()
+    baseline = baseline if baseline is not None else df["label"].iloc[0]
+    level = "concurrency" if df["concurrency"].notna().any() else "rate"
+    base = df[df["label"] == baseline].set_index(level)
+    for m in metrics:
+        ref = df[level].map(base[m])
+        df[f"{m}_ratio"] = df[m] / ref
+    return df
+
+
+def _config_label(config, first) -> str:
+    """The dotted fields where `config` differs from `first`, e.g. 'batching.max_batch_size=1'."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(first.model_dump(mode="json"))), dict(flat(config.model_dump(mode="json")))
+    diff = [f"{k}={b[k]}" for k in b if a.get(k) != b[k]]
+    return ", ".join(diff) or "baseline"
+
+
+def compare_configs(
+    cluster,
+    configs: Sequence[Any],
+    workload: Workload | None = None,
+    *,
+    concurrency: Iterable[int] = (1, 8),
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Deploy each config in turn on `cluster`, run the same sweep, shut it down; ratios to the first.
+
+    `configs` holds `AppConfig`s or `(label, AppConfig)` pairs; unlabelled ones are named after the
+    fields where they differ from the first. Returns `ratio_table` of the combined summary, baseline
+    = the first config; with `out_dir`, each config's files land in `out_dir/<n>-<label>/`.
+    """
+    wl = workload or Workload()
+    levels = list(concurrency)
+    pairs = [c if isinstance(c, tuple) else (None, c) for c in configs]
+    if not pairs:
+        raise ValueError("compare_configs needs at least one config")
+    first = pairs[0][1]
+    report = BenchReport()
+    for n, (label, cfg) in enumerate(pairs):
+        label = label or _config_label(cfg, first)
+        app = cluster.deploy(cfg)
+        try:
+            part = sweep(app.base_url, wl, concurrency=levels, model=app.model, label=label, progress=progress,
+                         api_key=getattr(app, "api_key", None))
+        finally:
+            app.shutdown()
+        if out_dir is not None:
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:60]
+            part.save(Path(out_dir) / f"{n}-{safe}")
+        report = report + part
+    return ratio_table(report.summary())
+
+
+def soak_table(run: BenchRun, window_s: float = 60.0) -> pd.DataFrame:
+    """`run.windows(window_s)` as a frame, with each window's TPOT p50 divided by the first window's.
+
+    The last row's `tpot_vs_first` is the soak's drift figure: at most 1.1 means decode speed held.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(run.windows(window_s))
+    first = df["tpot_ms_p50"].iloc[0]
+    df["tpot_vs_first"] = df["tpot_ms_p50"] / first if first and not math.isnan(first) else math.nan
+    return df

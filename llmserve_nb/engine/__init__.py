@@ -1,0 +1,43 @@
+"""The generation engine.
+
+`protocol` is all the server may use: prepare → submit → an async stream of outputs, `abort`,
+`check_health`, `stats`. `TransformersEngine` implements it with `HFEngine` (the transformers model
+and its decode step) and `ContinuousBatcher` (the scheduler thread); `loading` finds, converts and
+places the model; `detokenizer` turns ids into streamable text.
+"""
+from llmserve_nb.engine.hf import HFEngine
+from llmserve_nb.engine.loading import embedded_model_path, local_model_dir, pick_device_dtype
+from llmserve_nb.engine.protocol import (
+    Engine,
+    EngineDeadError,
+    GenerationRequest,
+    GenerationResult,
+    PreparedRequest,
+    RequestOutput,
+    RequestStream,
+)
+from llmserve_nb.engine.scheduler import ContinuousBatcher, TransformersEngine
+from llmserve_nb.config import EngineConfig
+
+__all__ = [
+    "ContinuousBatcher",
+    "Engine",
+    "EngineDeadError",
+    "GenerationRequest",
+    "GenerationResult",
+    "HFEngine",
+    "PreparedRequest",
+    "RequestOutput",
+    "RequestStream",
+    "TransformersEngine",
+    "embedded_model_path",
+    "load_engine",
+    "local_model_dir",
+    "pick_device_dtype",
+]
+
+
+def load_engine(cfg: EngineConfig | None = None) -> HFEngine:
+    """Load the transformers model for offline use (`HFEngine.generate`, one static batch). The server
+    wraps it in `TransformersEngine`."""
+    return HFEngine(cfg or EngineConfig())

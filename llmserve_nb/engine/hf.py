@@ -1,0 +1,295 @@
+"""The transformers model and its batched decode step: left padding, per-row sampling, finished
+rows leaving the KV cache, batches merging and the cache trimmed to what live rows attend to."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from llmserve_nb.config import EngineConfig
+from llmserve_nb.engine.detokenizer import OutputText
+from llmserve_nb.engine.loading import cpu_threads, load_gguf_with_cache, pick_device_dtype, resolve_source
+from llmserve_nb.engine.protocol import GenerationRequest, GenerationResult
+
+__all__ = ["HFEngine", "Row", "DecodeBatch"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One running request: its output, sampler and where its text and result go."""
+
+    out: OutputText
+    prompt: list[int]
+    generator: Any
+    emit: Callable[[str], Any]
+    finish: Callable[[GenerationResult], Any]
+    fail: Callable[[BaseException], Any]
+    request_id: str = ""
+
+
+@dataclass
+class DecodeBatch:
+    """A running batch: rows, their KV cache, attention mask (left padding) and next positions."""
+
+    rows: list[Row]
+    cache: Any
+    attn: Any
+    pos: Any
+    next_ids: Any
+
+    @property
+    def width(self) -> int:
+        return int(self.attn.shape[1])
+
+
+class HFEngine:
+    """A transformers causal LM with a hand-rolled decode loop (per-row sampling, streaming, early exit).
+
+    `generate` runs one static batch (offline use); `TransformersEngine` drives `prefill`/`step`/`merge`
+    from its scheduler thread for the server."""
+
+    def __init__(self, cfg: EngineConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.model_name = cfg.model_name
+        self.load_timings: dict = {}
+        t0 = time.perf_counter()
+        self.num_threads = cpu_threads(cfg)
+        torch.set_num_threads(self.num_threads)
+        self.device, self.dtype = pick_device_dtype(cfg)
+
+        source, gguf_file = resolve_source(cfg)
+        preloaded = None
+        if gguf_file:
+            source, preloaded = load_gguf_with_cache(cfg, source, gguf_file, self.load_timings)
+        kwargs = {"trust_remote_code": cfg.trust_remote_code}
+        if preloaded is not None:
+            self.tokenizer, model = preloaded
+            model = model.to(self.dtype)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            load_kw = dict(kwargs, dtype=self.dtype)
+            if self.device == "cuda" and torch.cuda.device_count() > 1:
+                load_kw["device_map"] = "auto"  # shards a large model over the GPUs Ray gave this replica
+            model = AutoModelForCausalLM.from_pretrained(source, **load_kw)
+        if getattr(model, "hf_device_map", None) is None:
+            model = model.to(self.device)
+        self.model = model.eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.max_model_len = min(cfg.max_model_len, getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.load_timings["total_load_s"] = time.perf_counter() - t0
+        self.load_timings.update(device=self.device, dtype=str(self.dtype).removeprefix("torch."),
+                                 torch_threads=self.num_threads)
+        log.info("loaded %s on %s/%s in %.1fs", self.model_name, self.device, self.dtype, self.load_timings["total_load_s"])
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids (chat template applied for messages), checked: not empty
+        and within the context length. ValueError says what is wrong."""
+        if req.messages is not None:
+            if not self.tokenizer.chat_template:
+                raise ValueError(f"{self.model_name} has no chat template; use /v1/completions with a prompt")
+            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(req.prompt)["input_ids"]
+        if not ids:
+            # An empty sequence has no position to predict from; refused here rather than failing a batch.
+            raise ValueError("the prompt is empty (0 tokens); send at least one token of text")
+        if len(ids) + req.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context length "
+                f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens"
+            )
+        return ids
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        return len(self.prompt_ids(request))
+
+    def new_output(self, req: GenerationRequest, prompt_tokens: int) -> OutputText:
+        return OutputText(req, prompt_tokens, self.tokenizer, self.eos_ids)
+
+    # ---- offline ----------------------------------------------------------------------------
+    def generate(
+        self, requests: list[GenerationRequest], on_token: Callable[[int, str], None] | None = None
+    ) -> list[GenerationResult]:
+        """Run the requests as one static batch (offline use; the server uses `TransformersEngine`).
+        `on_token(i, delta)` streams text of request i."""
+        import torch
+
+        if not requests:
+            return []
+        results: list[GenerationResult | None] = [None] * len(requests)
+        errors: list[BaseException] = []
+        rows = []
+        for i, r in enumerate(requests):
+            ids = self.prompt_ids(r)
+            rows.append(Row(
+                self.new_output(r, len(ids)), ids, self.generator(r),
+                emit=(lambda d, i=i: on_token(i, d)) if on_token else (lambda d: None),
+                finish=lambda res, i=i: results.__setitem__(i, res),
+                fail=errors.append,
+            ))
+        with torch.inference_mode():
+            batch = self.prefill(rows)
+            while batch.rows:
+                self.step(batch)
+        if errors:
+            raise errors[0]
+        return results  # type: ignore[return-value]
+
+    # ---- the decode loop's building blocks -------------------------------------------------
+    def _forward(self, input_ids, attn, position_ids, cache):
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attn,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,  # the prefill needs only the last position's logits, not width x vocab
+        )
+
+    def prefill(self, rows: list[Row]) -> DecodeBatch:
+        """Left-padded forward pass over the prompts; samples each row's first token."""
+        import torch
+
+        width = max(len(r.prompt) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
+        attn = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(input_ids, attn, position_ids, None)
+        batch = DecodeBatch(rows, out.cache, attn, position_ids[:, -1:], None)
+        self._absorb(batch, out.logits[:, -1, :])
+        return batch
+
+    def step(self, batch: DecodeBatch) -> None:
+        """One decode step for every running row."""
+        import torch
+
+        batch.attn = torch.cat([batch.attn, batch.attn.new_ones((len(batch.rows), 1))], dim=1)
+        batch.pos = batch.pos + 1
+        out = self._forward(batch.next_ids[:, None], batch.attn, batch.pos, batch.cache)
+        batch.cache = out.cache
+        self._absorb(batch, out.logits[:, -1, :])
+
+    def _absorb(self, batch: DecodeBatch, logits) -> None:
+        """Sample, stream and finish rows. A row whose sampling or detokenization fails is failed alone."""
+        reqs = [r.out.request for r in batch.rows]
+        next_ids, sample_errors = self._sample(logits.float(), reqs, [r.generator for r in batch.rows])
+        batch.next_ids = next_ids
+        leaving: list[int] = []
+        for i, row in enumerate(batch.rows):
+            try:
+                if i in sample_errors:
+                    raise sample_errors[i]
+                delta = row.out.push(int(next_ids[i]))
+                if delta:
+                    row.emit(delta)
+                if row.out.done:
+                    row.finish(row.out.result())
+                    leaving.append(i)
+            except Exception as e:
+                log.exception("request %s failed", row.request_id)
+                row.fail(e)
+                leaving.append(i)
+        if leaving:
+            self.drop(batch, leaving)
+
+    def drop(self, batch: DecodeBatch, positions: list[int]) -> None:
+        """Remove rows from the batch and its KV cache, then trim columns no remaining row attends to."""
+        import torch
+
+        gone = set(positions)
+        keep = [i for i in range(len(batch.rows)) if i not in gone]
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            return
+        idx = torch.tensor(keep, device=batch.attn.device)
+        batch.cache.batch_select_indices(idx)
+        batch.attn, batch.pos, batch.next_ids = batch.attn[idx], batch.pos[idx], batch.next_ids[idx]
+        self.trim(batch)
+
+    def can_merge(self, batch: DecodeBatch) -> bool:
+        """Only plain dynamic KV caches can be joined and trimmed; other cache types (sliding windows...)
+        run one admission group at a time."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(batch.cache, "layers", [None]))
+
+    def trim(self, batch: DecodeBatch) -> None:
+        """Drop leading KV columns that no row attends to: left padding left behind by finished rows.
+        Afterwards the width is the longest live row (prompt + generated), exactly."""
+        if not self.can_merge(batch):
+            return
+        live = batch.attn.any(dim=0)
+        first = int(live.int().argmax())
+        if first == 0:
+            return
+        batch.attn = batch.attn[:, first:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[:, :, first:, :]
+            layer.values = layer.values[:, :, first:, :]
+
+    def merge(self, a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
+        """Join two running batches: left-pad the shorter KV cache and mask, then stack the rows."""
+        import torch
+        import torch.nn.functional as F
+
+        ta, tb = a.width, b.width
+        width = max(ta, tb)
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            la.keys = torch.cat([F.pad(la.keys, (0, 0, width - ta, 0)), F.pad(lb.keys, (0, 0, width - tb, 0))])
+            la.values = torch.cat([F.pad(la.values, (0, 0, width - ta, 0)), F.pad(lb.values, (0, 0, width - tb, 0))])
+        a.attn = torch.cat([F.pad(a.attn, (width - ta, 0)), F.pad(b.attn, (width - tb, 0))])
+        a.pos = torch.cat([a.pos, b.pos])
+        a.next_ids = torch.cat([a.next_ids, b.next_ids])
+        a.rows = a.rows + b.rows
+        return a
+
+    def generator(self, req: GenerationRequest):
+        import torch
+
+        if req.temperature == 0 or req.seed is None:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(req.seed)
+        return g
+
+    @staticmethod
+    def _sample(logits, reqs: list[GenerationRequest], generators) -> tuple[Any, dict[int, Exception]]:
+        """Next token per row; errors are per row (e.g. probabilities that are not finite)."""
+        import torch
+
+        greedy = logits.argmax(-1)
+        errors: dict[int, Exception] = {}
+        if all(r.temperature == 0 for r in reqs):
+            return greedy, errors
+        out = greedy.clone()
+        for j, r in enumerate(reqs):
+            if r.temperature == 0:
+                continue
+            try:
+                probs = torch.softmax(logits[j] / r.temperature, dim=-1)
+                if r.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+                    cut = (sorted_p.cumsum(-1) - sorted_p) >= r.top_p
+                    sorted_p[cut] = 0
+                    probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+                out[j] = torch.multinomial(probs, 1, generator=generators[j])[0]
+            except RuntimeError as e:
+                errors[j] = e
+        return out, errors

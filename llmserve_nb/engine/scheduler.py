@@ -1,0 +1,229 @@
+"""Continuous batching for the transformers engine, and the engine protocol on top of it.
+
+One thread owns the model. Between decode steps it admits new requests (one prefill per admission
+group, merged into the running batch), applies aborts, and steps every running row; each row
+leaves the batch, and its stream ends, the step it finishes. Failures are isolated: a failed
+prefill fails only its admission group, a row whose sampling fails only that row; a failed
+forward pass of the running batch fails the rows it carried (it cannot blame one), and the loop
+goes on serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from llmserve_nb.config import EngineConfig
+from llmserve_nb.engine.hf import DecodeBatch, HFEngine, Row
+from llmserve_nb.engine.protocol import (
+    EngineDeadError,
+    GenerationRequest,
+    PreparedRequest,
+    RequestStream,
+    new_request_id,
+)
+
+__all__ = ["ContinuousBatcher", "TransformersEngine"]
+
+log = logging.getLogger(__name__)
+
+
+class ContinuousBatcher:
+    """The scheduler thread: admission groups join the running decode loop between steps."""
+
+    def __init__(self, engine: HFEngine, max_num_seqs: int = 64):
+        self.engine = engine
+        self.max_num_seqs = max_num_seqs
+        self._pending: deque[list[Row]] = deque()
+        self._aborts: set[str] = set()
+        self._cond = threading.Condition()
+        self._running: DecodeBatch | None = None
+        self.steps = 0
+        self.running_max = 0
+        self.aborted = 0
+        self.width_max = 0
+        self.fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="llm-continuous-batcher", daemon=True)
+        self._thread.start()
+
+    # ---- any thread ----------------------------------------------------------------------------
+    def submit(self, rows: list[Row]) -> None:
+        """Queue one admission group (prefilled together)."""
+        if not rows:
+            return
+        with self._cond:
+            if self.fatal is not None:
+                raise EngineDeadError(f"the engine's decode loop died: {self.fatal!r}")
+            self._pending.append(rows)
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self.fatal is None and self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            batch = self._running
+            running = len(batch.rows) if batch is not None else 0
+            waiting = sum(len(g) for g in self._pending)
+            width = batch.width if batch is not None and running else 0
+        capacity = self.max_num_seqs * self.engine.max_model_len
+        return {
+            "num_requests_running": running,
+            "num_requests_waiting": waiting,
+            # KV positions held (rows x width, padding included) against the most the scheduler admits.
+            "kv_cache_tokens": running * width,
+            "kv_cache_usage_perc": round(running * width / capacity, 6) if capacity else 0.0,
+            "kv_cache_width": width,
+            "kv_cache_width_max": self.width_max,
+            "decode_steps": self.steps,
+            "running_max": self.running_max,
+            "aborted": self.aborted,
+            "max_num_seqs": self.max_num_seqs,
+        }
+
+    # ---- the scheduler thread ------------------------------------------------------------------
+    def _take(self) -> tuple[list[list[Row]], set[str]]:
+        with self._cond:
+            while not self._pending and self._running is None and not self._aborts:
+                self._cond.wait()
+            aborts, self._aborts = self._aborts, set()
+            if aborts:
+                for group in self._pending:
+                    self._abort_rows([r for r in group if r.request_id in aborts])
+                    group[:] = [r for r in group if r.request_id not in aborts]
+                while self._pending and not self._pending[0]:
+                    self._pending.popleft()
+            running = len(self._running.rows) if self._running else 0
+            if self._running is not None and not self.engine.can_merge(self._running):
+                return [], aborts
+            taken: list[list[Row]] = []
+            while self._pending and (
+                (not taken and not running)
+                or running + sum(map(len, taken)) + len(self._pending[0]) <= self.max_num_seqs
+            ):
+                group = self._pending.popleft()
+                if group:
+                    taken.append(group)
+            return taken, aborts
+
+    def _abort_rows(self, rows: list[Row]) -> None:
+        for row in rows:
+            delta = row.out.abort()
+            if delta:
+                row.emit(delta)
+            row.finish(row.out.result())
+            self.aborted += 1
+
+    def _prefill(self, groups: list[list[Row]]) -> list[DecodeBatch]:
+        """One prefill for all admitted groups; if it fails, each group alone, failing only those that
+        fail again (one bad request must not fail its unrelated neighbours)."""
+        try:
+            return [self.engine.prefill([r for g in groups for r in g])]
+        except Exception as e:
+            if len(groups) == 1:
+                log.exception("prefill of %d request(s) failed", len(groups[0]))
+                for row in groups[0]:
+                    row.fail(e)
+                return []
+        return [b for g in groups for b in self._prefill([g])]
+
+    def _iteration(self) -> None:
+        import torch
+
+        taken, aborts = self._take()
+        with torch.inference_mode():
+            batch = self._running
+            if aborts and batch is not None:
+                gone = [i for i, r in enumerate(batch.rows) if r.request_id in aborts]
+                if gone:
+                    self._abort_rows([batch.rows[i] for i in gone])
+                    self.engine.drop(batch, gone)
+            for new in self._prefill(taken) if taken else []:
+                if new.rows:
+                    batch = new if batch is None or not batch.rows else self.engine.merge(batch, new)
+            if batch is not None and batch.rows:
+                self.engine.trim(batch)
+                self.running_max = max(self.running_max, len(batch.rows))
+                self.width_max = max(self.width_max, batch.width + 1)  # the step adds a column
+                try:
+                    self.engine.step(batch)
+                except Exception as e:
+                    log.exception("decode step of %d row(s) failed", len(batch.rows))
+                    for row in batch.rows:
+                        row.fail(e)
+                    batch = None
+                self.steps += 1
+            with self._cond:
+                self._running = batch if batch is not None and batch.rows else None
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._iteration()
+        except BaseException as e:  # a bug in the loop itself: fail everything, let the health check report it
+            log.exception("the continuous batcher died")
+            with self._cond:
+                self.fatal = e
+                rows = [r for g in self._pending for r in g] + (self._running.rows if self._running else [])
+                self._pending.clear()
+                self._running = None
+            for row in rows:
+                row.fail(EngineDeadError(f"the engine's decode loop died: {e!r}"))
+
+
+class TransformersEngine:
+    """The `Engine` protocol for the transformers model: tokenization on a worker thread, generation
+    on the scheduler thread, streams consumed on the caller's event loop."""
+
+    def __init__(self, cfg: EngineConfig | None = None, model: HFEngine | None = None):
+        self.cfg = cfg or EngineConfig()
+        self.model = model or HFEngine(self.cfg)
+        self.model_name = self.model.model_name
+        self.max_model_len = self.model.max_model_len
+        self.load_timings = self.model.load_timings
+        self.batcher = ContinuousBatcher(self.model, max_num_seqs=self.cfg.max_num_seqs)
+        # One worker: the fast tokenizer is not safe to call from several threads at once.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="llm-tokenize")
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.batcher.max_num_seqs
+
+    @max_num_seqs.setter
+    def max_num_seqs(self, value: int) -> None:
+        self.batcher.max_num_seqs = value
+
+    async def prepare(self, request: GenerationRequest, request_id: str | None = None) -> PreparedRequest:
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenizer_thread, self.model.prompt_ids, request)
+        return PreparedRequest(request, ids, request_id or new_request_id())
+
+    def submit(self, prepared: Sequence[PreparedRequest]) -> list[RequestStream]:
+        self.check_health()
+        streams = [RequestStream(p.request_id) for p in prepared]
+        rows = [
+            Row(self.model.new_output(p.request, len(p.prompt_ids)), p.prompt_ids, self.model.generator(p.request),
+                emit=s.push_text, finish=s.finish, fail=s.fail, request_id=p.request_id)
+            for p, s in zip(prepared, streams)
+        ]
+        self.batcher.submit(rows)
+        return streams
+
+    def abort(self, request_id: str) -> None:
+        self.batcher.abort(request_id)
+
+    def check_health(self) -> None:
+        if not self.batcher.alive:
+            raise EngineDeadError(f"the engine's decode loop is not running ({self.batcher.fatal!r})")
+
+    def stats(self) -> dict[str, Any]:
+        return self.batcher.stats()

@@ -1,0 +1,436 @@
+"""`EngineConfig(backend="vllm")`: the same `AppConfig` rendered as a Ray Serve LLM application.
+
+No vLLM integration of our own: the application is Ray's `ray.serve.llm:build_openai_app` with one
+`LLMConfig` (vLLM engine) and this package's `llmserve_nb.vllm_ingress:OpenAiIngress` (Ray's OpenAI
+ingress plus the project's API key and `/health`), wired through the builder's `ingress_cls_config`.
+
+The split follows the transformers app (and Serve's code-version rule): `args` hold only what builds a
+replica (model, engine kwargs, accelerator and placement, the engine's environment, the ingress class);
+every option Serve changes in place (replicas, autoscaling, `max_ongoing_requests`, queue limit and
+backpressure, health checks, graceful shutdown) goes in the `deployments:` entries for
+`LLMServer:<model_id>` and `OpenAiIngress`, so changing it never reloads the model. This also replaces
+Ray Serve LLM's defaults of 1e9 for `max_ongoing_requests` and `target_ongoing_requests`, which
+switch autoscaling and admission control off.
+
+Resources come from `config.deployment`: each `LLMServer` replica reserves exactly `num_cpus` CPUs
+(and `num_gpus` GPUs) through Ray Serve LLM's `placement_group_config` (the replica actor itself takes 0,
+so the default app no longer wants 3 CPUs and schedules on a 2-core node); on a CPU cluster the ingress
+takes 0 CPUs, on a GPU cluster Ray's default 1. `accelerator_type` is set only for GPUs (never for CPU).
+
+Admission control sits at the HTTP edge: the ingress admits at most the model's total capacity
+(`max_ongoing_requests` x replicas) and queues `max_queued_requests` more, past which Serve answers
+`backpressure_status_code` with Retry-After. The `LLMServer` queue is left unbounded: a refusal there
+would surface inside the ingress as a 500, not as backpressure.
+
+This module imports only the standard library and `llmserve_nb.config`: rendering works in the notebook's
+environment, which has no vLLM. The replicas run in a venv with vLLM (`llmserve-nb vllm-env`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+from llmserve_nb.config import EMBEDDED_MODEL, VLLM_IMPORT_PATH, ConfigError
+
+if TYPE_CHECKING:
+    from llmserve_nb.config import AppConfig, EngineConfig
+
+__all__ = [
+    "INGRESS_CLS",
+    "INGRESS_DEPLOYMENT",
+    "VLLM_IMPORT_PATH",
+    "llm_config",
+    "llm_server_deployment_name",
+    "vllm_application",
+    "vllm_batch_metrics",
+]
+
+INGRESS_CLS = "llmserve_nb.vllm_ingress:OpenAiIngress"
+INGRESS_DEPLOYMENT = "OpenAiIngress"  # our ingress keeps Ray's class name, hence Ray's deployment name
+API_KEY_ENV = "LLMSERVE_NB_API_KEY"
+# vLLM on CPU: Ray forwards no VLLM_* variables to its workers, so they travel in the LLMConfig's
+# runtime_env. Without a KV-cache size start-up refuses for lack of memory; without the thread binding
+# vLLM runs one thread whatever the replica reserved.
+CPU_KVCACHE_GIB = 2
+
+
+def llm_server_deployment_name(model_id: str) -> str:
+    """The deployment name Ray Serve LLM gives a model (`LLMServer:` + the model id, '/' -> '--', '.' -> '_')."""
+    return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")
+
+
+def _on_gpu(config: AppConfig) -> bool:
+    if config.engine.device == "cuda":
+        return True
+    if config.engine.device == "cpu":
+        return False
+    return config.deployment.num_gpus > 0
+
+
+@functools.lru_cache(maxsize=16)
+def _converted_dir(model_source: str, gguf_file: str | None, cache_dir: str | None) -> str:
+    from llmserve_nb.config import EngineConfig
+    from llmserve_nb.engine import local_model_dir
+
+    engine = EngineConfig(model_source=model_source, gguf_file=gguf_file, cache_dir=cache_dir)
+    return str(local_model_dir(engine))
+
+
+def model_source(engine: EngineConfig) -> str:
+    """What vLLM loads. vLLM cannot read a GGUF on CPU, so the embedded model (and any GGUF) becomes the
+    safetensors copy this package converts once (`llmserve_nb.engine.local_model_dir`, ~16 s the first
+    time); an HF id or a plain local directory is passed through."""
+    if engine.model_source == EMBEDDED_MODEL or engine.gguf_file:
+        return _converted_dir(engine.model_source, engine.gguf_file, engine.cache_dir)
+    return engine.model_source
+
+
+def _workers(engine_kwargs: dict[str, Any]) -> int:
+    return int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+
+
+def engine_kwargs(config: AppConfig) -> dict[str, Any]:
+    """vLLM engine arguments: the typed engine fields first, `engine.engine_kwargs` on top (they win)."""
+    e = config.engine
+    kw: dict[str, Any] = {"max_model_len": e.max_model_len, "max_num_seqs": e.max_num_seqs}
+    if e.dtype != "auto":
+        kw["dtype"] = e.dtype
+    elif not _on_gpu(config):
+        # The project's rule for 'auto' on CPU: float32 is never wrong, and on CPUs without native bf16
+        # (AVX2 only, like CI's) vLLM's bf16 runs 2.5-4x slower (FACTS.md).
+        kw["dtype"] = "float32"
+    if e.trust_remote_code:
+        kw["trust_remote_code"] = True
+    g = config.deployment.num_gpus
+    if 0 < g < 1:
+        # A fractional GPU: let vLLM take only its share of the memory.
+        kw["gpu_memory_utilization"] = round(0.9 * g, 3)
+    kw.update(e.engine_kwargs)
+    return kw
+
+
+def _cpu_threads(config: AppConfig) -> int:
+    return config.engine.torch_threads or max(1, math.floor(config.deployment.num_cpus))
+
+
+def _engine_env(config: AppConfig) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if not _on_gpu(config):
+        threads = _cpu_threads(config)
+        env.update({
+            "VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_GIB),
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        })
+    # The application's env_vars reach the replica actors through Serve, but not the vLLM engine workers
+    # Ray Serve LLM starts: those get the LLMConfig's runtime_env, so the user's variables are copied here.
+    # The API key is not: only the ingress reads it, and it need not be written into `args`.
+    user = dict((config.runtime_env or {}).get("env_vars") or {})
+    user.pop(API_KEY_ENV, None)
+    env.update({k: str(v) for k, v in user.items()})
+    return env
+
+
+def _placement(config: AppConfig, kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`placement_group_config`, replica `ray_actor_options`): the replica reserves exactly what
+    `config.deployment` says, spread over its vLLM workers (tensor x pipeline parallel)."""
+    d = config.deployment
+    workers = _workers(kw)
+    if _on_gpu(config):
+        if d.num_gpus <= 0:
+            raise ConfigError("engine.device='cuda' with backend='vllm' needs deployment.num_gpus > 0")
+        if workers > 1 and d.num_gpus < workers:
+            raise ConfigError(
+                f"deployment.num_gpus ({d.num_gpus}) is below tensor_parallel_size x pipeline_parallel_size "
+                f"({workers}): each vLLM worker needs its own GPU"
+            )
+        bundle = {"GPU": d.num_gpus / workers, "CPU": d.num_cpus / workers}
+        strategy = "PACK"
+    else:
+        # Ray refuses a placement-group bundle whose resources are all 0.
+        bundle = {"CPU": max(d.num_cpus / workers, 0.01)}
+        strategy = "STRICT_PACK"
+    actor: dict[str, Any] = {"num_cpus": 0}
+    if d.resources:
+        actor["resources"] = dict(d.resources)  # Ray adds these to the replica's first bundle
+    return {"bundle_per_worker": _tidy(bundle), "strategy": strategy}, actor
+
+
+def _tidy(bundle: dict[str, float]) -> dict[str, float]:
+    return {k: (int(v) if float(v).is_integer() else v) for k, v in bundle.items()}
+
+
+def llm_config(config: AppConfig) -> dict[str, Any]:
+    """The one `LLMConfig` (as a dict) in `args.llm_configs`: everything that builds an LLMServer replica."""
+    kw = engine_kwargs(config)
+    placement, actor = _placement(config, kw)
+    cfg: dict[str, Any] = {
+        "model_loading_config": {"model_id": config.engine.model_name, "model_source": model_source(config.engine)},
+        "engine_kwargs": kw,
+        "accelerator_config": {"kind": "gpu" if _on_gpu(config) else "cpu"},
+        "placement_group_config": placement,
+        # Only the replica actor's resources: a `ray_actor_options` in the `deployments:` entry would
+        # replace the runtime_env Ray Serve LLM builds for the replica (its VLLM_* variables included).
+        "deployment_config": {"ray_actor_options": actor},
+    }
+    if config.deployment.accelerator_type:
+        if not _on_gpu(config):
+            # Ray Serve LLM refuses accelerator_type for a CPU deployment (it would never schedule anyway).
+            raise ConfigError(
+                f"deployment.accelerator_type={config.deployment.accelerator_type!r} needs deployment.num_gpus > 0 "
+                "with backend='vllm' (a CPU deployment has no accelerator type)"
+            )
+        cfg["accelerator_type"] = config.deployment.accelerator_type
+    env = _engine_env(config)
+    if env:
+        cfg["runtime_env"] = {"env_vars": env}
+    return cfg
+
+
+def _replica_bounds(config: AppConfig) -> int:
+    d = config.deployment
+    return d.autoscaling.max_replicas if d.autoscaling is not None else d.num_replicas
+
+
+def _graceful(config: AppConfig) -> dict[str, float]:
+    d = config.deployment
+    return {
+        "graceful_shutdown_wait_loop_s": d.graceful_shutdown_wait_loop_s,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+    }
+
+
+def llm_server_options(config: AppConfig) -> dict[str, Any]:
+    """The `deployments:` entry of `LLMServer:<model_id>` (without its name): all updated in place."""
+    d = config.deployment
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        # Unbounded here on purpose: the ingress is the only caller and admits at most the model's
+        # capacity; a refusal at this hop would reach the client as a 500 instead of backpressure.
+        "max_queued_requests": -1,
+        "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
+        **_graceful(config),
+    }
+    if d.autoscaling is not None:
+        opts["autoscaling_config"] = d.autoscaling.model_dump(mode="json", exclude_none=True)
+    else:
+        # Ray's code sets an autoscaling_config (target 1e9); Serve refuses num_replicas next to one.
+        opts["num_replicas"] = d.num_replicas
+        opts["autoscaling_config"] = None
+    return opts
+
+
+def ingress_options(config: AppConfig) -> dict[str, Any]:
+    """The `deployments:` entry of `OpenAiIngress` (without its name): the HTTP edge's admission control."""
+    d = config.deployment
+    opts: dict[str, Any] = {
+        "num_replicas": 1,
+        "autoscaling_config": None,
+        "max_ongoing_requests": config.max_ongoing_requests * _replica_bounds(config),
+        "max_queued_requests": config.max_queued_requests,
+        "backpressure_config": {"status_code": d.backpressure_status_code, "retry_after_s": d.retry_after_s},
+        **_graceful(config),
+    }
+    if not _on_gpu(config):
+        # The default app wants 3 CPUs (the ingress's 1 + the server's 2) and never schedules on 2 cores.
+        opts["ray_actor_options"] = {"num_cpus": 0}
+    return opts
+
+
+def vllm_application(config: AppConfig) -> dict[str, Any]:
+    """One entry of `applications:` (Serve deploy config / RayService serveConfigV2) for backend='vllm'."""
+    model_id = config.engine.model_name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", model_id):
+        raise ConfigError(f"model id {model_id!r}: use letters, digits, '.', '_', '-' and '/' only")
+    app: dict[str, Any] = {
+        "name": config.name,
+        "route_prefix": config.route_prefix,
+        "import_path": VLLM_IMPORT_PATH,
+        "args": {
+            "llm_configs": [llm_config(config)],
+            "ingress_cls_config": {"ingress_cls": INGRESS_CLS},
+        },
+        "deployments": [
+            {"name": llm_server_deployment_name(model_id), **llm_server_options(config)},
+            {"name": INGRESS_DEPLOYMENT, **ingress_options(config)},
+        ],
+    }
+    if config.runtime_env:
+        app["runtime_env"] = config.runtime_env
+    return app
+
+
+# ---- what the notebook shows instead of the transformers app's /stats -----------------------------
+def parse_prometheus(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum each named metric over its label sets in a Prometheus text exposition."""
+    sums = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums:
+            try:
+                sums[name] += float(line.rsplit(" ", 1)[-1])
+            except ValueError:
+                continue
+    return sums
+
+
+def vllm_batch_metrics(metrics_urls: list[str], timeout_s: float = 5.0) -> dict[str, float]:
+    """vLLM's running/waiting request counts (its batch) from Ray's metrics export endpoints
+    (`http://<node>:<metrics-export-port>/metrics`), summed over the given nodes."""
+    import httpx
+
+    names = ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting")
+    total = dict.fromkeys(names, 0.0)
+    for url in metrics_urls:
+        r = httpx.get(url, timeout=timeout_s)
+        r.raise_for_status()
+        for k, v in parse_prometheus(r.text, names).items():
+            total[k] += v
+    return {"running": total[names[0]], "waiting": total[names[1]]}
+
+
+def metrics_urls(cluster) -> list[str]:
+    """Ray's metrics export endpoint (`http://<node>:<metrics-export-port>/metrics`) of each alive node,
+    from the dashboard's node summary. The head is addressed as the dashboard is (e.g. 127.0.0.1)."""
+    from urllib.parse import urlparse
+
+    data = cluster._api("GET", "/nodes", params={"view": "summary"})
+    dashboard_host = urlparse(cluster.dashboard_url).hostname
+    urls = []
+    for node in (data.get("data") or {}).get("summary") or []:
+        raylet = node.get("raylet") or {}
+        port = raylet.get("metricsExportPort")
+        if raylet.get("state", "ALIVE") != "ALIVE" or not port:
+            continue
+        host = dashboard_host if raylet.get("isHeadNode") else raylet.get("nodeManagerAddress") or node.get("ip")
+        urls.append(f"http://{host}:{port}/metrics")
+    return urls
+
+
+def vllm_burst(app, n: int = 16, max_tokens: int = 32, input_tokens: int = 16, sample_s: float = 0.5) -> dict[str, Any]:
+    """`AppHandle.burst` for a vLLM app: `n` concurrent completions, and vLLM's own batch as Ray exports it.
+
+    Ray Serve LLM has no `/stats` and no live `max_batch_size` (vLLM batches continuously inside its engine,
+    up to `engine.max_num_seqs`). While the burst runs, `ray_vllm_num_requests_running` is sampled from Ray's
+    metrics endpoints; Ray exports it every few seconds, so a short burst may show fewer than it had.
+    Without a reachable metrics endpoint (e.g. a port-forward to the dashboard only) the batch view is
+    left out and `batch_view` says why.
+    """
+    import threading
+
+    from llmserve_nb.bench import Workload, run_benchmark
+
+    try:
+        urls = metrics_urls(app.cluster)
+        vllm_batch_metrics(urls, timeout_s=2.0)
+        view = (f"ray_vllm_num_requests_running from {len(urls)} node(s), sampled every {sample_s:g} s; Ray "
+                "exports it every few seconds, so a short burst reads low" if urls else "no metrics endpoint found")
+    except Exception as e:  # the burst itself still runs
+        urls, view = [], f"metrics endpoint not reachable ({type(e).__name__}: {e})"
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                samples.append(vllm_batch_metrics(urls, timeout_s=2.0)["running"])
+            except Exception:
+                pass
+            stop.wait(sample_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if urls:
+        sampler.start()
+    workload = Workload(num_requests=n, input_tokens=input_tokens, output_tokens=max_tokens, stream=False,
+                        duration_s=app.request_timeout_s, timeout_s=app.request_timeout_s)
+    try:
+        run = run_benchmark(app.base_url, workload, concurrency=n, model=app.model, label=f"burst {app.name}",
+                            progress=False, api_key=app.api_key)
+    finally:
+        stop.set()
+        if urls:
+            sampler.join(timeout=5.0)
+    summary = run.summary()
+    latencies = sorted(r.e2e_s for r in run.results) or [math.nan]
+    return {
+        "requests": n,
+        "completed": summary["completed"],
+        "wall_s": round(run.duration_s, 3),
+        "output_tok_per_s": round(summary["output_tok_per_s"], 1),
+        "latency_p50_s": round(summary["e2e_ms_p50"] / 1000, 3),
+        "latency_max_s": round(latencies[-1], 3),
+        "vllm_running_max": max(samples, default=None),
+        "vllm_running_samples": samples,
+        "batch_view": view,
+    }
+
+
+def config_of_vllm_application(app: dict[str, Any]) -> AppConfig:
+    """The AppConfig behind a deployed vLLM application entry (what `vllm_application` rendered), so a
+    notebook can attach to a running vLLM app (`Cluster.app`) and update it. The embedded model comes back
+    as its safetensors copy with its served name; everything else round-trips exactly."""
+    from llmserve_nb.config import AppConfig
+
+    if app.get("import_path") != VLLM_IMPORT_PATH:
+        raise ConfigError(f"application {app.get('name')!r} runs {app.get('import_path')!r}, not {VLLM_IMPORT_PATH}")
+    args = app.get("args") or {}
+    llms = args.get("llm_configs") or []
+    if len(llms) != 1 or not isinstance(llms[0], dict):
+        raise ConfigError(f"application {app.get('name')!r} serves {len(llms)} models; llmserve_nb renders exactly one")
+    llm = llms[0]
+    loading = llm.get("model_loading_config") or {}
+    model_id, source = loading.get("model_id"), loading.get("model_source") or loading.get("model_id")
+    kw = dict(llm.get("engine_kwargs") or {})
+    engine: dict[str, Any] = {"backend": "vllm", "model_source": source}
+    for typed in ("max_model_len", "max_num_seqs", "trust_remote_code"):
+        if typed in kw:
+            engine[typed] = kw.pop(typed)
+    if kw.get("dtype") in ("float32", "bfloat16", "float16"):
+        engine["dtype"] = kw.pop("dtype")
+    engine["engine_kwargs"] = kw
+    if model_id and model_id != str(source).rstrip("/").split("/")[-1]:
+        engine["served_model_name"] = model_id
+
+    deployment: dict[str, Any] = {}
+    gpu = (llm.get("accelerator_config") or {}).get("kind") == "gpu"
+    bundle = (llm.get("placement_group_config") or {}).get("bundle_per_worker") or {}
+    workers = _workers(kw)
+    if "CPU" in bundle:
+        deployment["num_cpus"] = bundle["CPU"] * workers
+    if gpu and "GPU" in bundle:
+        deployment["num_gpus"] = bundle["GPU"] * workers
+    if llm.get("accelerator_type"):
+        deployment["accelerator_type"] = llm["accelerator_type"]
+    actor = (llm.get("deployment_config") or {}).get("ray_actor_options") or {}
+    if actor.get("resources"):
+        deployment["resources"] = actor["resources"]
+    deps = {d.get("name"): d for d in app.get("deployments") or []}
+    server = deps.get(llm_server_deployment_name(model_id or ""), {})
+    ingress = deps.get(INGRESS_DEPLOYMENT, {})
+    for key in ("max_ongoing_requests", "health_check_period_s", "health_check_timeout_s",
+                "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"):
+        if key in server:
+            deployment[key] = server[key]
+    if server.get("autoscaling_config"):
+        deployment["autoscaling"] = server["autoscaling_config"]
+    elif "num_replicas" in server:
+        deployment["num_replicas"] = server["num_replicas"]
+    if "max_queued_requests" in ingress:
+        deployment["max_queued_requests"] = ingress["max_queued_requests"]
+    backpressure = ingress.get("backpressure_config") or {}
+    if "status_code" in backpressure:
+        deployment["backpressure_status_code"] = backpressure["status_code"]
+    if backpressure.get("retry_after_s") is not None:
+        deployment["retry_after_s"] = backpressure["retry_after_s"]
+    data: dict[str, Any] = {"name": app.get("name", "llm"), "route_prefix": app.get("route_prefix", "/"),
+                            "engine": engine, "deployment": deployment}
+    if app.get("runtime_env"):
+        data["runtime_env"] = app["runtime_env"]
+    if gpu and not deployment.get("num_gpus"):
+        engine["device"] = "cuda"
+    return AppConfig.from_args(data)

