@@ -182,17 +182,19 @@ class RayHead:
 
 @contextlib.contextmanager
 def ray_head(name: str, *, ray_bin: Path | None = None, env_extra: dict[str, str] | None = None,
-             num_cpus: int | None = None, startup_timeout_s: float = 180.0, attempts: int = 2):
+             cwd: Path = REPO, num_cpus: int | None = None, startup_timeout_s: float = 180.0, attempts: int = 2):
     """A fresh single-node Ray (`ray start --head --block`) on 127.0.0.1, stopped by PID afterwards.
 
     `ray_bin` picks the venv (default: this one); `env_extra` reaches every worker, because workers
-    inherit the raylet's environment (how the baseline's PYTHONPATH gets into its replicas). Never
+    inherit the raylet's environment (how the baseline's PYTHONPATH gets into its replicas). `cwd` is
+    the head's working directory, which Ray puts on its workers' import path ahead of PYTHONPATH:
+    it must be the checkout the replicas are meant to import. Never
     `ray stop`: that would stop every Ray on the machine. A busy machine can time out Ray's own
     start-up, hence `attempts`.
     """
     for attempt in range(1, attempts + 1):
         try:
-            head = _start_head(name, ray_bin, env_extra, num_cpus, startup_timeout_s)
+            head = _start_head(name, ray_bin, env_extra, cwd, num_cpus, startup_timeout_s)
             break
         except (RuntimeError, TimeoutError) as e:
             if attempt == attempts:
@@ -204,7 +206,7 @@ def ray_head(name: str, *, ray_bin: Path | None = None, env_extra: dict[str, str
         stop_process(head.proc)
 
 
-def _start_head(name, ray_bin, env_extra, num_cpus, startup_timeout_s) -> RayHead:
+def _start_head(name, ray_bin, env_extra, cwd, num_cpus, startup_timeout_s) -> RayHead:
     ray_bin = ray_bin or Path(sys.executable).with_name("ray")
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
@@ -221,7 +223,7 @@ def _start_head(name, ray_bin, env_extra, num_cpus, startup_timeout_s) -> RayHea
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"starting Ray head {name} (dashboard 127.0.0.1:{dport}, log {log_path})")
     with open(log_path, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     head = RayHead(proc, f"http://127.0.0.1:{dport}", f"http://127.0.0.1:{sport}", token, env)
     deadline = time.monotonic() + startup_timeout_s
     # Ready = the node finished starting (`ray start --block` prints this) and Serve's REST API answers.
@@ -306,7 +308,8 @@ def engine_limit(engine, levels: list[int], wl: bench.Workload, min_requests: in
                  per_user: int = 1) -> list[dict]:
     """The engine in-process, no HTTP: `engine.generate` on static batches of size b.
 
-    Each level runs `level_workload(wl, b, ...)` in batches of b; tok/s = generated tokens / wall time.
+    Each level runs `level_workload(wl, b, ...)` in batches of b, after one untimed warm-up batch of b;
+    tok/s = generated tokens / wall time.
     EOS is honoured when the workload does (`wl.ignore_eos`), so a batch lasts as long as its longest row.
     """
     from llmserve_nb.engine import GenerationRequest
@@ -315,6 +318,8 @@ def engine_limit(engine, levels: list[int], wl: bench.Workload, min_requests: in
     for b in levels:
         lw = level_workload(wl, b, min_requests, per_user)
         reqs = [GenerationRequest(prompt=p, max_tokens=n_out, ignore_eos=wl.ignore_eos) for p, _, n_out in lw.items()]
+        # One short untimed batch of this size first: the first pass at a new batch shape is slow.
+        engine.generate([dataclasses.replace(r, max_tokens=8, ignore_eos=True) for r in reqs[:b]])
         t0 = time.perf_counter()
         out = []
         for i in range(0, len(reqs), b):

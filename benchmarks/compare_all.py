@@ -217,7 +217,7 @@ def serve_app(label: str, served, overrides: dict, notes: list[str], code_dir: P
     """Our Serve app from the checkout at `code_dir`, on a Ray head of its own; checks what the replica runs."""
     baseline = code_dir != REPO
     env = {"PYTHONPATH": str(code_dir)} if baseline else {}
-    with ray_head(_safe(label), env_extra=env) as head:
+    with ray_head(_safe(label), env_extra=env, cwd=code_dir) as head:
         t0 = time.monotonic()
         app = deploy_on(head, overrides, pythonpath=str(code_dir) if baseline else None, cwd=code_dir)
         log(f"{label}: deployed in {time.monotonic() - t0:.0f} s from {app['package']}")

@@ -443,8 +443,21 @@ class AppHandle:
         text = "\n".join(m for m in messages if m) or "Serve gave no message"
         return text if len(text) <= 3000 else "…" + text[-3000:]
 
+    @property
+    def backend(self) -> str:
+        return self.config.engine.backend
+
+    def _transformers_only(self, what: str) -> None:
+        if self.backend == "vllm":
+            raise ClusterError(
+                f"{what} is a feature of the transformers engine; app {self.name!r} runs vLLM through Ray Serve LLM, "
+                "which batches continuously inside its engine (up to engine.max_num_seqs). Its batch is vLLM's "
+                "num_requests_running metric: see AppHandle.burst() or llmserve_nb.monitor.LiveMonitor"
+            )
+
     def reconfigure(self, **batching: Any) -> None:
         """Change batching live (Serve user_config → replica.reconfigure); replicas are not restarted."""
+        self._transformers_only("live batching (max_batch_size, batch_wait_timeout_s)")
         self.update(self.config.with_overrides(**{f"batching.{k}": v for k, v in batching.items()}))
 
     def update(self, config: AppConfig, timeout_s: float = 900.0, progress: Callable[[str], None] | None = None) -> None:
@@ -566,6 +579,7 @@ class AppHandle:
 
     def stats(self) -> dict[str, Any]:
         """Batching statistics of the replica that answers (each replica keeps its own)."""
+        self._transformers_only("/stats")
         return self._request("GET", "/stats").json()
 
     def burst(self, n: int = 16, max_tokens: int = 32, input_tokens: int = 16) -> dict[str, Any]:
@@ -573,9 +587,15 @@ class AppHandle:
 
         The load is `llmserve_nb.bench`'s closed loop with `n` users and `n` requests. The histogram
         is the difference of the replica's counters before and after, so it is exact for a single
-        replica and quiet traffic (each replica keeps its own counters).
+        replica and quiet traffic (each replica keeps its own counters). For a vLLM app the batch is
+        vLLM's running-request gauge sampled from Ray's metrics endpoints (`vllm_app.vllm_burst`).
         """
         from llmserve_nb.bench import Workload, run_benchmark
+
+        if self.backend == "vllm":
+            from llmserve_nb.vllm_app import vllm_burst
+
+            return vllm_burst(self, n=n, max_tokens=max_tokens, input_tokens=input_tokens)
 
         workload = Workload(num_requests=n, input_tokens=input_tokens, output_tokens=max_tokens, stream=False,
                             duration_s=self.request_timeout_s, timeout_s=self.request_timeout_s)
@@ -608,7 +628,12 @@ class AppHandle:
             st = self.status()
         except ClusterError as e:
             st = {"status": f"unknown ({e})", "deployments": {}}
-        dep = st["deployments"].get(DEPLOYMENT_NAME, {})
+        if self.backend == "vllm":
+            from llmserve_nb.vllm_app import llm_server_deployment_name
+
+            dep = st["deployments"].get(llm_server_deployment_name(self.model), {})
+        else:
+            dep = st["deployments"].get(DEPLOYMENT_NAME, {})
         rows = [
             ("app", self.name), ("model", self.model), ("base_url", self.base_url),
             ("status", st["status"]), ("replicas", ", ".join(dep.get("replica_states", [])) or "-"),

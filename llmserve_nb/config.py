@@ -136,6 +136,13 @@ class DeploymentConfig(_Strict):
     )
     backpressure_status_code: Literal[503, 429] = Field(503, description="Status for requests refused by backpressure.")
     retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After header sent with a backpressure refusal.")
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="A request still generating after this long ends with HTTP 504 (in-band for a stream) and "
+        "its row is aborted. None = no limit. Travels in user_config: changes apply in place.",
+    )
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_wait_loop_s: float = Field(
@@ -196,6 +203,14 @@ class AppConfig(_Strict):
         """
         return self.model_dump(mode="json", exclude_defaults=True, include={"name", "engine"})
 
+    def user_config(self) -> dict[str, Any]:
+        """The deployment's `user_config`: what `LLMServer.reconfigure` applies in place (batching and the
+        request timeout)."""
+        user_config = self.batching.model_dump(mode="json")
+        if self.deployment.request_timeout_s is not None:
+            user_config["request_timeout_s"] = self.deployment.request_timeout_s
+        return user_config
+
     def ray_actor_options(self) -> dict[str, Any]:
         d = self.deployment
         opts: dict[str, Any] = {"num_cpus": d.num_cpus}
@@ -214,7 +229,7 @@ class AppConfig(_Strict):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "backpressure_config": {"status_code": d.backpressure_status_code, "retry_after_s": d.retry_after_s},
-            "user_config": self.batching.model_dump(mode="json"),
+            "user_config": self.user_config(),
             "ray_actor_options": self.ray_actor_options(),
             "health_check_period_s": d.health_check_period_s,
             "health_check_timeout_s": d.health_check_timeout_s,
@@ -319,9 +334,12 @@ def config_of_application(app: dict[str, Any]) -> AppConfig:
     if app.get("runtime_env"):
         data["runtime_env"] = app["runtime_env"]
     dep = {d.get("name"): d for d in app.get("deployments") or []}.get(DEPLOYMENT_NAME, {})
-    if dep.get("user_config"):
-        data["batching"] = dep["user_config"]
+    user_config = dict(dep.get("user_config") or {})
     deployment = dict(data.get("deployment") or {})
+    if "request_timeout_s" in user_config:
+        deployment["request_timeout_s"] = user_config.pop("request_timeout_s")
+    if user_config:
+        data["batching"] = user_config
     for key in _DEPLOYMENT_ENTRY_FIELDS:
         if key in dep:
             deployment[key] = dep[key]

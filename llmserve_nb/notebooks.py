@@ -25,7 +25,7 @@ __all__ = [
 RESULTS_TAG = "results"
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The main job: what `make demo` runs, in order. Each notebook starts and stops its own embedded Ray.
-DEFAULT_NOTEBOOKS = ("00_quickstart", "01_connect_cluster", "02_tune_autoscaling", "03_benchmark")
+DEFAULT_NOTEBOOKS = ("00_quickstart", "01_connect_cluster", "02_tune_autoscaling", "03_benchmark", "04_reliability", "05_rollout")
 
 
 def _jsonable(o: Any) -> Any:

@@ -139,7 +139,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key (when the server has one)."},
     404: {"model": ErrorResponse, "description": "Another model name than the one served."},
     500: {"model": ErrorResponse, "description": "Generation failed for this request."},
-    503: {"model": ErrorResponse, "description": "The engine is not running; the replica is being replaced."},
+    503: {"model": ErrorResponse, "description": "Overloaded (with Retry-After), or the engine is not running and "
+          "the replica is being replaced."},
+    504: {"model": ErrorResponse, "description": "The request ran past deployment.request_timeout_s and was stopped."},
 }
 # Routes that stream when `stream: true`: the 200 answer is JSON or an SSE stream.
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {

@@ -12,6 +12,7 @@ group into its running decode loop between steps (continuous batching, up to
 `max_ongoing_requests` slot the step it finishes; a client that goes away aborts its request.
 """
 
+import asyncio
 import logging
 import os
 import secrets
@@ -62,6 +63,26 @@ api = FastAPI(
 install_error_handling(api)
 
 
+async def _deadline(stream: RequestStream, timeout_s: float | None, request_id: str) -> AsyncIterator[RequestOutput]:
+    """The stream's outputs, ending with a 504 once `timeout_s` has passed since the request started
+    (the caller's `finally` then aborts the row)."""
+    if timeout_s is None:
+        async for out in stream:
+            yield out
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            out = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise OpenAIError(504, f"request {request_id} timed out after {timeout_s:g} s (deployment.request_timeout_s);"
+                              " it was stopped", type_="timeout_error") from None
+        yield out
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class LLMServer:
@@ -75,10 +96,12 @@ class LLMServer:
         self._records: dict[str, RequestRecord] = {}
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.api_key = os.environ.get(API_KEY_ENV) or None
-        self.reconfigure(self.config.batching.model_dump())
+        self.reconfigure(self.config.user_config())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this on deploy and whenever user_config changes, without restarting the replica."""
+        user_config = dict(user_config)
+        self.request_timeout_s = user_config.pop("request_timeout_s", None)
         batching = BatchingConfig.model_validate(user_config)
         self._admit.set_max_batch_size(batching.max_batch_size)
         self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -140,7 +163,7 @@ class LLMServer:
             if isinstance(admitted, BaseException):
                 raise admitted
             stream = admitted
-            async for out in stream:
+            async for out in _deadline(stream, self.request_timeout_s, prepared.request_id):
                 rec.first_token()
                 if out.result is not None and streamed:
                     r = out.result
@@ -208,8 +231,6 @@ class LLMServer:
     @api.post("/v1/completions", summary="OpenAI text completions (streaming with stream=true)",
               response_model=COMPLETION_MODEL, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
     async def completions(self, body: CompletionRequest, request: Request):
-        import asyncio
-
         with self.metrics.request("/v1/completions") as rec:
             self._check(request, body)
             if body.echo:

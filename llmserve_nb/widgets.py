@@ -4,7 +4,14 @@
 (`user_config` batching, autoscaling bounds and target), an Apply button, a load button that drives
 traffic in the background (`llmserve_nb.bench`'s closed loop), a status line plus a replica-count history
 refreshed while load runs, and a load line that says how the load went, errors included. Everything the
-buttons do is also a method (`set`, `apply`, `run_load`), so papermill runs the same code headless.
+buttons do is also a method (`set`, `apply`, `apply_batching`, `run_load`), so papermill runs the same code
+headless.
+
+A vLLM app (`EngineConfig(backend="vllm")`, Ray Serve LLM) has no live batching: vLLM schedules its batch
+continuously inside the engine (up to `engine.max_num_seqs`, which is an engine argument: changing it reloads
+the model), and there is no `/stats` batch histogram. For such an app the batching sliders are disabled
+with a note saying so, `set()` of a batching knob is ignored with the same note, and the autoscaling
+controls and the replica history work on its `LLMServer:<model_id>` deployment.
 """
 from __future__ import annotations
 
@@ -17,8 +24,17 @@ import ipywidgets as W
 
 from llmserve_nb.cluster import AppHandle, ClusterError
 from llmserve_nb.config import DEPLOYMENT_NAME, AutoscalingConfig, ConfigError
+from llmserve_nb.vllm_app import llm_server_deployment_name
 
-__all__ = ["ServeTuner"]
+__all__ = ["ServeTuner", "VLLM_BATCHING_NOTE"]
+
+BATCHING_KNOBS = ("max_batch_size", "batch_wait_timeout_s")
+VLLM_BATCHING_NOTE = (
+    "Batching: not adjustable on a vLLM app. vLLM batches continuously inside its engine, up to "
+    "engine.max_num_seqs={max_num_seqs} sequences (an engine argument: changing it reloads the model); "
+    "Serve's live max_batch_size / batch_wait_timeout_s and the /stats batch histogram are features of the "
+    "transformers engine. Autoscaling below works as usual (deployment {deployment})."
+)
 
 
 class ServeTuner:
@@ -27,6 +43,20 @@ class ServeTuner:
     def __init__(self, app: AppHandle, max_replicas_limit: int = 8):
         self.app = app
         cfg = app.config
+        self.backend = cfg.engine.backend
+        # The deployment whose replicas autoscale and whose count the history records.
+        self.deployment = (llm_server_deployment_name(cfg.engine.model_name) if self.backend == "vllm"
+                           else DEPLOYMENT_NAME)
+        self.live_batching = self.backend != "vllm"
+        self.batching_note = W.HTML()
+        self.batching_note.add_class("llmserve-batching-note")
+        if not self.live_batching:
+            self.batching_note.value = (
+                "<span style='color:#555'><i>"
+                + html.escape(VLLM_BATCHING_NOTE.format(max_num_seqs=cfg.engine.max_num_seqs,
+                                                        deployment=self.deployment))
+                + "</i></span>"
+            )
         auto = cfg.deployment.autoscaling or AutoscalingConfig(
             min_replicas=cfg.deployment.num_replicas, max_replicas=cfg.deployment.num_replicas
         )
@@ -55,6 +85,8 @@ class ServeTuner:
         self.status.add_class("llmserve-status")
         self.load_status.add_class("llmserve-load-status")
         self.max_batch_size.add_class("llmserve-max-batch-size")
+        self.max_batch_size.disabled = self.batch_wait_timeout_s.disabled = not self.live_batching
+        self.notes: list[str] = []  # what the tuner declined to do, and why (headless runs read it)
         self.history: list[tuple[float, int, int]] = []
         self.last_load: dict[str, Any] | None = None  # summary of the last load run (llmserve_nb.bench's)
         self._t0 = time.monotonic()
@@ -67,20 +99,25 @@ class ServeTuner:
 
     # ---- the knobs -----------------------------------------------------------------------
     def set(self, **values: Any) -> None:
-        """Set widgets by name, e.g. `set(max_batch_size=4, replicas=(1, 2))`; unknown names are errors."""
+        """Set widgets by name, e.g. `set(max_batch_size=4, replicas=(1, 2))`; unknown names are errors.
+        On a vLLM app the batching knobs are ignored with a note (`notes`, the status line)."""
         for name, value in values.items():
             widget = getattr(self, name, None)
             if not isinstance(widget, W.ValueWidget):
                 raise ValueError(f"no tuner control named {name!r}")
+            if name in BATCHING_KNOBS and not self.live_batching:
+                self._decline(f"{name}={value!r} ignored: vLLM batches continuously inside its engine "
+                              f"(engine.max_num_seqs={self.app.config.engine.max_num_seqs})")
+                continue
             widget.value = value
 
     def config(self):
         """The AppConfig the widgets currently describe (validated; errors name the field)."""
         lo, hi = self.replicas.value
-        changes: dict[str, Any] = {
-            "batching.max_batch_size": self.max_batch_size.value,
-            "batching.batch_wait_timeout_s": round(self.batch_wait_timeout_s.value, 4),
-        }
+        changes: dict[str, Any] = {}
+        if self.live_batching:
+            changes["batching.max_batch_size"] = self.max_batch_size.value
+            changes["batching.batch_wait_timeout_s"] = round(self.batch_wait_timeout_s.value, 4)
         if self.autoscaling.value:
             base = self.app.config.deployment.autoscaling or AutoscalingConfig(min_replicas=lo, max_replicas=max(hi, 1))
             changes["deployment.autoscaling"] = base.model_copy(update={
@@ -90,7 +127,7 @@ class ServeTuner:
         else:
             changes["deployment.autoscaling"] = None
             changes["deployment.num_replicas"] = max(hi, 1)
-        if self.app.config.deployment.max_ongoing_requests is not None:
+        if self.live_batching and self.app.config.deployment.max_ongoing_requests is not None:
             # An explicit cap below the new batch size would make the config invalid; raise it with the batch.
             changes["deployment.max_ongoing_requests"] = max(
                 self.app.config.deployment.max_ongoing_requests, self.max_batch_size.value
@@ -103,6 +140,27 @@ class ServeTuner:
         self._show(f"applying {html.escape(_summary(cfg))} …")
         self.app.update(cfg, progress=None)
         self.refresh(note="applied")
+
+    def apply_batching(self, **batching: Any) -> dict[str, Any]:
+        """Set batching knobs (e.g. `max_batch_size=4`), apply, and report what the replicas run afterwards:
+        `replica_kept` (the same replica ids before and after: reconfigured in place), `batching` (what the
+        answering replica reports on /stats; None on a vLLM app) and `note` (why nothing changed, on vLLM).
+        Never fails for a vLLM app: it says why there is no live batching there."""
+        before = self.replica_ids()
+        self.set(**batching)
+        self.apply()
+        after = self.replica_ids()
+        if self.live_batching:
+            return {"replica_kept": bool(before) and before == after, "batching": self.app.stats()["batching"],
+                    "note": ""}
+        note = VLLM_BATCHING_NOTE.format(max_num_seqs=self.app.config.engine.max_num_seqs, deployment=self.deployment)
+        return {"replica_kept": bool(before) and before == after, "batching": None, "note": note}
+
+    def replica_ids(self) -> list[str]:
+        """Ids of the running replicas of the tuned deployment, from Serve's details (sorted)."""
+        app = (self.app.cluster.serve_details().get("applications") or {}).get(self.app.name) or {}
+        dep = (app.get("deployments") or {}).get(self.deployment) or {}
+        return sorted(r.get("replica_id") for r in dep.get("replicas") or [] if r.get("state") == "RUNNING")
 
     # ---- load and status -----------------------------------------------------------------
     def run_load(self, concurrency: int | None = None, seconds: float | None = None, wait: bool = False,
@@ -182,7 +240,7 @@ class ServeTuner:
 
     def _sample(self, ongoing: int) -> int:
         st = self.app.status()
-        running = st["deployments"].get(DEPLOYMENT_NAME, {}).get("replica_states", []).count("RUNNING")
+        running = st["deployments"].get(self.deployment, {}).get("replica_states", []).count("RUNNING")
         self.history.append((round(time.monotonic() - self._t0, 1), running, ongoing))
         self.refresh(status=st)
         return running
@@ -193,17 +251,23 @@ class ServeTuner:
         except ClusterError as e:
             self._show(f"<span style='color:#b00'>{html.escape(str(e))}</span>")
             return
-        dep = st["deployments"].get(DEPLOYMENT_NAME, {})
+        dep = st["deployments"].get(self.deployment, {})
         states = dep.get("replica_states", [])
+        batching = (", ".join(f"{k}={v}" for k, v in (dep.get("user_config") or {}).items()) if self.live_batching
+                    else f"vLLM engine (max_num_seqs={self.app.config.engine.max_num_seqs})")
         self._show(
             f"<b>{html.escape(self.app.name)}</b>: {html.escape(str(st['status']))} · replicas "
             f"{states.count('RUNNING')} running / target {dep.get('target_replicas')} · batching "
-            + html.escape(", ".join(f"{k}={v}" for k, v in (dep.get("user_config") or {}).items()))
+            + html.escape(batching)
             + (f" · <i>{html.escape(note)}</i>" if note else "")
         )
 
     def _show(self, text: str) -> None:
         self.status.value = text
+
+    def _decline(self, note: str) -> None:
+        self.notes.append(note)
+        self._show(f"<i>{html.escape(note)}</i>")
 
     def _show_load(self, text: str, error: bool = False) -> None:
         style = " style='color:#b00'" if error else ""
@@ -241,7 +305,7 @@ class ServeTuner:
     def widget(self) -> W.Widget:
         return W.VBox([
             W.HTML("<b>Batching</b> (Serve user_config: replicas keep running)"),
-            self.max_batch_size, self.batch_wait_timeout_s,
+            self.max_batch_size, self.batch_wait_timeout_s, self.batching_note,
             W.HTML("<b>Replicas</b>"), self.autoscaling, self.replicas, self.target_ongoing_requests,
             self.apply_button,
             W.HTML("<b>Load</b>"), self.load_concurrency, self.load_seconds, self.load_button, self.load_status,
@@ -258,4 +322,6 @@ def _summary(cfg) -> str:
     d = cfg.deployment
     reps = (f"autoscaling {d.autoscaling.min_replicas}-{d.autoscaling.max_replicas} "
             f"@ {d.autoscaling.target_ongoing_requests:g}" if d.autoscaling else f"{d.num_replicas} replicas")
+    if cfg.engine.backend == "vllm":
+        return f"vLLM engine batching, {reps}"
     return f"batch {cfg.batching.max_batch_size} / {cfg.batching.batch_wait_timeout_s:g}s, {reps}"

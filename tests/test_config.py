@@ -133,6 +133,7 @@ def test_config_of_a_deployed_application_round_trips():
     pinned = cfg.with_overrides(**{
         "deployment.max_ongoing_requests": 20, "deployment.autoscaling": {"max_replicas": 3},
         "deployment.backpressure_status_code": 429, "deployment.retry_after_s": 7, "runtime_env": {"env_vars": {"A": "1"}},
+        "deployment.request_timeout_s": 30,
     })
     assert config_of_application(pinned.to_application()) == pinned
     with pytest.raises(ConfigError, match="not llmserve_nb.serve_app:build_app"):

@@ -125,7 +125,8 @@ def test_fractional_gpu_variants_pack_one_gpu(rendered, name, gpus, batch, repli
     assert dep["ray_actor_options"]["num_gpus"] == gpus
     assert dep["user_config"]["max_batch_size"] == batch
     assert (dep["user_config"]["batch_wait_timeout_s"] > 0) is dynamic
-    assert dep["num_replicas"] == replicas
+    # A fixed count is rendered as autoscaling pinned to it (switching to autoscaling stays in place).
+    assert dep["autoscaling_config"] == {"min_replicas": replicas, "max_replicas": replicas, "initial_replicas": replicas}
     assert gpus * replicas == 1.0  # the replicas exactly fill the one GPU a worker pod requests
     worker = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -268,3 +268,21 @@ def test_replica_torch_threads_follow_its_cpu_allotment(app):
     """Regression: the engine took every core of the node while Serve gave the replica num_cpus=1, so two
     replicas on two cores fought over them."""
     assert app.stats()["engine"]["torch_threads"] == int(app.config.deployment.num_cpus)
+
+
+def test_request_timeout_ends_a_request_with_504_and_aborts_its_row(cluster, app):
+    original = app.config
+    app.update(original.with_overrides(**{"deployment.request_timeout_s": 1.0}), timeout_s=300)
+    try:
+        before = app.stats()
+        r = httpx.post(f"{app.base_url}/v1/completions", headers=_h(), timeout=120, json={
+            "prompt": "Write a very long story", "max_tokens": 400, "ignore_eos": True, "temperature": 0})
+        assert r.status_code == 504 and "timed out after 1 s" in r.json()["error"]["message"]
+        _wait(lambda: app.stats()["aborted"] > before["aborted"], what="the timed-out row to be aborted")
+        body = {"prompt": "Write a very long story", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, headers=_h(), timeout=120) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and "timed out" in lines[-2]  # in-band: the headers were sent
+        assert app.stats()["replica"] == before["replica"]  # user_config: applied in place
+    finally:
+        app.update(original, timeout_s=300)

@@ -6,9 +6,10 @@ import pytest
 from llmserve_nb import AppConfig, AppHandle, Cluster
 from llmserve_nb.widgets import ServeTuner
 
-pytestmark = pytest.mark.ray
+# Tests that take the session's `app` fixture start a real Ray (marked `ray`); the others are fast.
 
 
+@pytest.mark.ray
 def test_widgets_describe_a_valid_config(app):
     t = ServeTuner(app)
     assert t.max_batch_size.value == app.config.batching.max_batch_size
@@ -23,6 +24,7 @@ def test_widgets_describe_a_valid_config(app):
         t.set(nope=1)
 
 
+@pytest.mark.ray
 def test_apply_button_reconfigures_the_running_replica(app):
     original = app.config
     before = app.stats()
@@ -38,6 +40,7 @@ def test_apply_button_reconfigures_the_running_replica(app):
         app.update(original)
 
 
+@pytest.mark.ray
 def test_load_runs_in_the_background_and_records_history(app):
     t = ServeTuner(app)
     t.run_load(concurrency=2, seconds=3, wait=True, max_tokens=8)
@@ -77,3 +80,51 @@ def test_a_dead_cluster_shows_in_the_status_line_instead_of_raising():
     assert "cannot reach the Ray dashboard" in t.status.value
     t.apply_button.click()
     assert "ClusterError" in t.status.value and "color:#b00" in t.status.value
+
+
+class _ServeDetailsOnly:
+    """A cluster that only answers serve_details(): one vLLM app whose LLMServer runs one replica."""
+
+    serve_url = "http://127.0.0.1:9"
+
+    def __init__(self, app_name: str, deployment: str):
+        self.details = {"applications": {app_name: {"status": "RUNNING", "deployments": {
+            deployment: {"status": "HEALTHY", "target_num_replicas": 1,
+                         "replicas": [{"replica_id": "r1", "state": "RUNNING"}]},
+            "OpenAiIngress": {"status": "HEALTHY", "target_num_replicas": 1,
+                              "replicas": [{"replica_id": "i1", "state": "RUNNING"}]},
+        }}}}
+
+    def serve_details(self):
+        return self.details
+
+
+def test_vllm_app_disables_batching_with_a_note_and_keeps_autoscaling():
+    from llmserve_nb.config import EngineConfig
+    from llmserve_nb.vllm_app import llm_server_deployment_name
+
+    cfg = AppConfig(engine=EngineConfig(backend="vllm", max_num_seqs=16))
+    deployment = llm_server_deployment_name(cfg.engine.model_name)
+    app = AppHandle(_ServeDetailsOnly(cfg.name, deployment), cfg)
+    t = ServeTuner(app)
+    assert t.deployment == "LLMServer:SmolLM2-135M-Instruct" and not t.live_batching
+    assert t.max_batch_size.disabled and t.batch_wait_timeout_s.disabled
+    assert not t.autoscaling.disabled and not t.replicas.disabled
+    assert t.batching_note in t.widget.children
+    assert "not adjustable on a vLLM app" in t.batching_note.value and "max_num_seqs=16" in t.batching_note.value
+    # The replica history and status line read the LLMServer deployment, not the transformers one.
+    assert "1 running / target 1" in t.status.value and "vLLM engine" in t.status.value
+    assert t.wait_for_replicas(1, timeout_s=1) == 1 and t.history[-1][1] == 1
+    # A batching change is declined with the note, not an error; autoscaling changes go through.
+    t.set(max_batch_size=3, autoscaling=True, replicas=(1, 3), target_ongoing_requests=4.0)
+    assert t.max_batch_size.value == cfg.batching.max_batch_size and "max_batch_size=3 ignored" in t.notes[0]
+    new = t.config()
+    assert new.batching == cfg.batching
+    auto = new.deployment.autoscaling
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4.0)
+    sent = []
+    app.update = lambda config, **kw: sent.append(config)
+    got = t.apply_batching(max_batch_size=2)
+    assert got["batching"] is None and got["replica_kept"] is True and "continuously" in got["note"]
+    assert sent and sent[-1].deployment.autoscaling.max_replicas == 3
+    assert t.replica_ids() == ["r1"]

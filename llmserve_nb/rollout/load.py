@@ -1,0 +1,288 @@
+"""Closed-loop load through the public route with sticky sessions, recording which version answered.
+
+`llmserve_nb.bench` measures one server; during a rollout we also need each request's session header
+and the router's answer headers (`x-served-by`, `x-rollout-epoch`), and load that keeps running in
+the background while the notebook shifts weights. Prompts and request bodies come from
+`bench.Workload`, so the requests are the bench's; TTFT is defined as in the bench (first SSE chunk
+carrying text), e2e to `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from llmserve_nb.bench import Workload
+from llmserve_nb.rollout.routing import EPOCH_HEADER, SERVED_BY_HEADER
+
+
+@dataclass
+class Sample:
+    index: int
+    session: str
+    start_s: float
+    end_s: float = math.nan
+    ttft_s: float = math.nan
+    status: str = "pending"  # ok | error | incomplete
+    http_status: int | None = None
+    version: str | None = None
+    epoch: int | None = None
+    error: str = ""
+
+
+@dataclass
+class Marker:
+    t_s: float
+    label: str
+
+
+def _pct(values: list[float], q: float) -> float:
+    vals = sorted(v for v in values if not math.isnan(v))
+    if not vals:
+        return math.nan
+    k = (len(vals) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+class TrafficLoad:
+    """`concurrency` users in a closed loop against `url` (the public route), in a background thread.
+
+    Each request carries `header: <session>`, the sessions drawn round-robin from `sessions` ids, so
+    each session sends several requests over the run. Use as a context manager or `start()`/`stop()`;
+    `mark(label)` records a point in time (e.g. each weight change) that `phases()` splits on.
+    The run stops at `stop()`, after `max_requests`, or after `max_duration_s`, whichever comes first.
+    """
+
+    def __init__(self, url: str, workload: Workload | None = None, *, concurrency: int = 4, sessions: int = 16,
+                 header: str = "X-Session-Id", api_key: str | None = None, max_requests: int = 100_000,
+                 max_duration_s: float = 3600.0, session_prefix: str = "s"):
+        self.url = url.rstrip("/")
+        self.workload = workload or Workload(num_requests=64, output_tokens=16)
+        self.concurrency = concurrency
+        self.session_ids = [f"{session_prefix}{i}" for i in range(sessions)]
+        self.header = header
+        self.api_key = api_key
+        self.max_requests = max_requests
+        self.max_duration_s = max_duration_s
+        self.samples: list[Sample] = []
+        self.markers: list[Marker] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+        self._error: BaseException | None = None
+
+    # ---- control ---------------------------------------------------------------------------
+    def start(self) -> TrafficLoad:
+        if self._thread is not None:
+            raise RuntimeError("this load already ran; make a new TrafficLoad")
+        self._t0 = time.perf_counter()
+        self.mark("start")
+        self._thread = threading.Thread(target=self._main, name="rollout-load", daemon=True)
+        self._thread.start()
+        return self
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def mark(self, label: str) -> None:
+        self.markers.append(Marker(self.now(), label))
+
+    def completed(self) -> int:
+        return sum(s.status == "ok" for s in self.samples)
+
+    def wait_completed(self, n: int, timeout_s: float = 300.0) -> None:
+        """Block until `n` requests completed (e.g. a baseline before the first shift)."""
+        deadline = time.monotonic() + timeout_s
+        while self.completed() < n:
+            if self._error is not None or (self._thread is not None and not self._thread.is_alive()):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.completed()} of {n} requests completed within {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 300.0) -> list[Sample]:
+        """Stop sending; requests in flight finish (each bounded by the workload's timeout_s)."""
+        self.mark("stop")
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the load did not stop within {timeout_s:.0f}s")
+        if self._error is not None:
+            raise RuntimeError(f"the load generator crashed: {self._error!r}") from self._error
+        return self.samples
+
+    def __enter__(self) -> TrafficLoad:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._stop.is_set():
+            self.stop()
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:  # surfaced by stop()
+            self._error = e
+
+    async def _run(self) -> None:
+        wl = self.workload
+        items = wl.items()
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        counter = iter(range(self.max_requests))
+        deadline = self._t0 + self.max_duration_s
+        async with httpx.AsyncClient(
+            base_url=self.url, headers=headers, trust_env=False,
+            timeout=httpx.Timeout(wl.timeout_s, connect=min(10.0, wl.timeout_s)),
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+        ) as client:
+
+            async def user() -> None:
+                for i in counter:
+                    if self._stop.is_set() or time.perf_counter() >= deadline:
+                        return
+                    prompt, _, n_out = items[i % len(items)]
+                    s = Sample(index=i, session=self.session_ids[i % len(self.session_ids)], start_s=self.now())
+                    self.samples.append(s)
+                    try:
+                        await asyncio.wait_for(self._one(client, wl.body(prompt, n_out, None), s), wl.timeout_s)
+                        s.status = "ok"
+                    except Exception as e:
+                        s.status, s.error = "error", f"{type(e).__name__}: {e}"[:500]
+                    s.end_s = self.now()
+
+            await asyncio.gather(*(user() for _ in range(self.concurrency)))
+
+    async def _one(self, client: httpx.AsyncClient, body: dict[str, Any], s: Sample) -> None:
+        path = self.workload.path
+        async with client.stream("POST", path, json=body, headers={self.header: s.session}) as r:
+            s.http_status = r.status_code
+            s.version = r.headers.get(SERVED_BY_HEADER)
+            epoch = r.headers.get(EPOCH_HEADER)
+            s.epoch = int(epoch) if epoch and epoch.isdigit() else None
+            if r.status_code >= 400:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+            if not r.headers.get("content-type", "").startswith("text/event-stream"):
+                data = json.loads(await r.aread())
+                if "error" in data:
+                    raise RuntimeError(f"error in a 200 answer: {data['error']}")
+                s.ttft_s = self.now() - s.start_s
+                return
+            done = False
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                obj = json.loads(payload)
+                if "error" in obj:
+                    raise RuntimeError(f"error event in the stream: {obj['error']}")
+                choices = obj.get("choices") or []
+                text = choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
+                if text and math.isnan(s.ttft_s):
+                    s.ttft_s = self.now() - s.start_s
+            if not done:
+                raise RuntimeError("the stream ended without [DONE]")
+
+    # ---- analysis --------------------------------------------------------------------------
+    def finished(self) -> list[Sample]:
+        return [s for s in self.samples if s.status in ("ok", "error")]
+
+    def phases(self, labels: dict[str, tuple[str, str | None]]) -> dict[str, dict[str, Any]]:
+        """Figures per phase; `labels` maps a phase name to (first marker, end marker or None = the end).
+        A request belongs to the phase in which it started."""
+        at = {m.label: m.t_s for m in self.markers}
+        out = {}
+        for phase, (a, b) in labels.items():
+            t_a, t_b = at.get(a, math.inf), at.get(b, math.inf) if b else math.inf
+            out[phase] = summarize([s for s in self.finished() if t_a <= s.start_s < t_b])
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.finished())
+
+    def stickiness_violations(self) -> list[dict[str, Any]]:
+        return stickiness_violations(self.finished())
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.samples]
+
+    def share_over_time(self, bin_s: float = 2.0) -> list[dict[str, Any]]:
+        return share_over_time(self.finished(), bin_s)
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    ok = [s for s in samples if s.status == "ok"]
+    by_version: dict[str, int] = {}
+    for s in ok:
+        by_version[s.version or "?"] = by_version.get(s.version or "?", 0) + 1
+    ttft = [s.ttft_s * 1000 for s in ok]
+    e2e = [(s.end_s - s.start_s) * 1000 for s in ok]
+    errors = [s for s in samples if s.status == "error"]
+    return {
+        "requests": len(samples), "completed": len(ok), "failed": len(errors),
+        "by_version": by_version,
+        "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p99": _pct(ttft, 99),
+        "e2e_ms_p50": _pct(e2e, 50), "e2e_ms_p99": _pct(e2e, 99),
+        "error_example": errors[0].error if errors else "",
+    }
+
+
+def stickiness_violations(samples: list[Sample]) -> list[dict[str, Any]]:
+    """(session, epoch) pairs answered by more than one version: at fixed weights a session must
+    always reach the same version."""
+    seen: dict[tuple[str, int | None], set[str]] = {}
+    for s in samples:
+        if s.status == "ok" and s.version:
+            seen.setdefault((s.session, s.epoch), set()).add(s.version)
+    return [{"session": k[0], "epoch": k[1], "versions": sorted(v)} for k, v in seen.items() if len(v) > 1]
+
+
+def share_over_time(samples: list[Sample], bin_s: float = 2.0) -> list[dict[str, Any]]:
+    """Per time bin (by request start): how many completed requests each version served."""
+    rows: dict[int, dict[str, int]] = {}
+    for s in samples:
+        if s.status == "ok" and s.version:
+            b = int(s.start_s // bin_s)
+            rows.setdefault(b, {})
+            rows[b][s.version] = rows[b].get(s.version, 0) + 1
+    return [{"t_s": b * bin_s, **counts} for b, counts in sorted(rows.items())]
+
+
+def plot_traffic_share(load: TrafficLoad, bin_s: float = 2.0, ax=None, versions: list[str] | None = None):
+    """Stacked share of completed requests by version over time (by request start), with the
+    load's markers (weight changes, promote) as vertical lines."""
+    import matplotlib.pyplot as plt
+
+    rows = load.share_over_time(bin_s)
+    names = versions or sorted({k for r in rows for k in r if k != "t_s"})
+    ax = ax or plt.subplots(figsize=(9, 3.5))[1]
+    t = [r["t_s"] for r in rows]
+    totals = [sum(r.get(n, 0) for n in names) or 1 for r in rows]
+    shares = [[100.0 * r.get(n, 0) / tot for r, tot in zip(rows, totals)] for n in names]
+    if rows:
+        ax.stackplot(t, *shares, labels=names, step="post", alpha=0.8)
+    for m in load.markers:
+        if m.label not in ("start", "stop"):
+            ax.axvline(m.t_s, color="k", ls=":", lw=1)
+            ax.text(m.t_s, 101, m.label, rotation=0, fontsize=8, va="bottom")
+    ax.set_xlabel("time since load start (s)")
+    ax.set_ylabel("share of requests (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("traffic share by version", pad=16)
+    return ax
+
+
+__all__ = ["Marker", "Sample", "TrafficLoad", "plot_traffic_share", "share_over_time", "stickiness_violations",
+           "summarize"]
