@@ -182,15 +182,16 @@ class RayHead:
 
 @contextlib.contextmanager
 def ray_head(name: str, *, ray_bin: Path | None = None, env_extra: dict[str, str] | None = None,
-             cwd: Path = REPO, num_cpus: int | None = None, startup_timeout_s: float = 180.0, attempts: int = 2):
+             cwd: Path = REPO, num_cpus: int | None = None, startup_timeout_s: float = 180.0, attempts: int = 3):
     """A fresh single-node Ray (`ray start --head --block`) on 127.0.0.1, stopped by PID afterwards.
 
     `ray_bin` picks the venv (default: this one); `env_extra` reaches every worker, because workers
     inherit the raylet's environment (how the baseline's PYTHONPATH gets into its replicas). `cwd` is
-    the head's working directory, which Ray puts on its workers' import path ahead of PYTHONPATH:
-    it must be the checkout the replicas are meant to import. Never
-    `ray stop`: that would stop every Ray on the machine. A busy machine can time out Ray's own
-    start-up, hence `attempts`.
+    the head's working directory: Ray puts a driver's working directory at the front of its workers'
+    sys.path (`JobConfig._py_driver_sys_path`), and Serve's REST API drives from the dashboard, whose
+    directory is the head's, so `cwd` must be the checkout the replicas are meant to import. Never
+    `ray stop`: that would stop every Ray on the machine. Ray gives its raylet a fixed 30 s to
+    register, which a busy machine can miss, hence `attempts`.
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -199,7 +200,7 @@ def ray_head(name: str, *, ray_bin: Path | None = None, env_extra: dict[str, str
         except (RuntimeError, TimeoutError) as e:
             if attempt == attempts:
                 raise
-            log(f"Ray head {name}: attempt {attempt} failed ({str(e)[-300:]}); retrying")
+            log(f"Ray head {name}: attempt {attempt} failed ({str(e).strip().splitlines()[-1][-300:]}); retrying")
     try:
         yield head
     finally:

@@ -278,7 +278,7 @@ def _get(rows, label, workload, c, metric) -> float:
 
 
 def headline(rows, levels, names, vllm_dtypes) -> pd.DataFrame:
-    """The ratios the comparison exists for, each read off two rows of the main table."""
+    """The ratios the comparison exists for, each read off two rows of the main table (when both exist)."""
     top = max(levels)
     specs = []
     if "fixed" in names:
@@ -304,8 +304,8 @@ def headline(rows, levels, names, vllm_dtypes) -> pd.DataFrame:
     table = []
     for title, a, b, wl, c, metric, reading in specs:
         va, vb = _get(rows, a, wl, c, metric), _get(rows, b, wl, c, metric)
-        if math.isnan(va) and math.isnan(vb):
-            continue
+        if math.isnan(va) or math.isnan(vb):
+            continue  # a system that was not asked for, or failed (its note says why)
         table.append({"ratio": title, "value": va / vb if vb else math.nan, "numerator": va, "denominator": vb,
                       "reading": reading})
     return pd.DataFrame(table, columns=["ratio", "value", "numerator", "denominator", "reading"])

@@ -73,8 +73,9 @@ async def protocol_checks(served: TransformersEngine) -> dict:
     _, second = await start(MIXED[3:])
     joined = [(await s.collect()).text for s in first + second]
     same = sum(a == b for a, b in zip(alone, joined))
-    check("requests joining a running batch keep their greedy text", same >= len(MIXED) - 1,
-          f"{same}/{len(MIXED)} identical ({served.model.dtype})")
+    exact = served.model.dtype == torch.float32
+    check(f"requests joining a running batch keep their greedy text ({served.model.dtype})",
+          same >= len(MIXED) - 1 if exact else True, f"{same}/{len(MIXED)} identical" + ("" if exact else ", reported"))
 
     p, (st,) = await start([Req(prompt="Write forever", max_tokens=1000, ignore_eos=True)])
     n = 0
@@ -139,7 +140,7 @@ def main() -> int:
           f"{sum(a == b for a, b in zip(a32, b32))}/{len(MIXED)}; bf16 {report['bf16_batched_equals_alone']}")
 
     rows = []
-    for batch in (1, 8, 32, 64, 128):
+    for batch in (1, 8, 32, 128):
         rows.append({"batch": batch, "bf16_tok_s": round(throughput(auto, batch, 128), 1),
                      "fp32_tok_s": round(throughput(fp32, batch, 128), 1)})
     report["static_batch_tok_s"] = rows
@@ -147,9 +148,11 @@ def main() -> int:
     for r in rows:
         print(f"| {r['batch']} | {r['bf16_tok_s']} | {r['fp32_tok_s']} |")
 
-    served = TransformersEngine(EngineConfig(**base, max_num_seqs=64), model=auto)
-    report["continuous"] = asyncio.run(protocol_checks(served))
-    print(json.dumps(report["continuous"]))
+    # The join check compares greedy text, so it runs in fp32 (bf16 rounding depends on the batch shape);
+    # the mixed-load throughput is the default (auto = bf16) engine's.
+    report["continuous_fp32"] = asyncio.run(protocol_checks(TransformersEngine(EngineConfig(**base, dtype="float32"), model=fp32)))
+    report["continuous"] = asyncio.run(protocol_checks(TransformersEngine(EngineConfig(**base), model=auto)))
+    print(json.dumps({"fp32": report["continuous_fp32"], "auto": report["continuous"]}))
     report["checks"] = [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]
     if args.out:
         with open(args.out, "w") as f:

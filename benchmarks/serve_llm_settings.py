@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-bare-again", action="store_true", help="skip the closing bare run")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "serve_llm_settings")
     args = p.parse_args(argv)
+    # SIGTERM (e.g. `timeout`) unwinds like an exception, so the servers and the Ray head are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = [c for c in args.candidates.split(",") if c]
     if set(names) - set(CANDIDATES):
         p.error(f"unknown candidates {sorted(set(names) - set(CANDIDATES))}")

@@ -678,7 +678,10 @@ def _start_local(num_cpus: int | None, dashboard_port: int | None, serve_port: i
             break
         except Exception as e:
             ray.shutdown()
-            if dashboard_port or "address already in use" not in str(e) or attempt == 2:
+            # A port taken between pick and bind, or a node slow to come up on a loaded machine (Ray gives
+            # its raylet a fixed 30 s), is worth another try; anything else is not.
+            transient = "address already in use" in str(e) or "timed out during startup" in str(e)
+            if not transient or (dashboard_port and "timed out" not in str(e)) or attempt == 2:
                 raise ClusterError(f"could not start the embedded Ray: {str(e)[-800:]}") from None
     # Ray 2.60 turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise, and
     # records its choice in os.environ (inherited by workers and `ray start --address` children).

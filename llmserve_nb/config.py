@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 IMPORT_PATH = "llmserve_nb.serve_app:build_app"
 VLLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"  # backend="vllm": Ray Serve LLM's own app builder
+LLM_POLICY = "llmserve_nb.autoscaling:llm_policy"
 DEPLOYMENT_NAME = "LLMServer"
 EMBEDDED_MODEL = "smollm2"
 
@@ -95,6 +96,27 @@ class AutoscalingConfig(_Strict):
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=10.0, description="Must exceed Serve's 10 s metrics interval.")
+    policy: Literal["ongoing_requests", "llm"] = Field(
+        "ongoing_requests",
+        description="'ongoing_requests': Serve's default (target_ongoing_requests per replica). 'llm': "
+        "llmserve_nb.autoscaling.llm_policy, on requests waiting for a decode slot and time to first token "
+        "against the two targets below. Switching policy restarts replicas (Serve hashes the policy into the "
+        "code version); the targets change in place.",
+    )
+    target_ttft_s: float = Field(2.0, gt=0, le=3600, description="policy='llm': p90 time to first token per replica.")
+    target_waiting_requests: float = Field(
+        4.0, gt=0, le=100000, description="policy='llm': requests waiting for a decode slot per replica."
+    )
+
+    # Fields that are ours, not Serve's autoscaling_config: the policy is rendered as Serve's `policy`,
+    # the targets travel in user_config so they change without a restart.
+    LLM_FIELDS: ClassVar[set[str]] = {"policy", "target_ttft_s", "target_waiting_requests"}
+
+    def serve_autoscaling_config(self) -> dict[str, Any]:
+        config = self.model_dump(mode="json", exclude_none=True, exclude=self.LLM_FIELDS)
+        if self.policy == "llm":
+            config["policy"] = {"policy_function": LLM_POLICY}
+        return config
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -209,6 +231,10 @@ class AppConfig(_Strict):
         user_config = self.batching.model_dump(mode="json")
         if self.deployment.request_timeout_s is not None:
             user_config["request_timeout_s"] = self.deployment.request_timeout_s
+        scaling = self.deployment.autoscaling
+        if scaling is not None and scaling.policy == "llm":
+            user_config["autoscaling_targets"] = {"ttft_s": scaling.target_ttft_s,
+                                                  "waiting_requests": scaling.target_waiting_requests}
         return user_config
 
     def ray_actor_options(self) -> dict[str, Any]:
@@ -237,7 +263,7 @@ class AppConfig(_Strict):
             "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         }
         if d.autoscaling is not None:
-            opts["autoscaling_config"] = d.autoscaling.model_dump(mode="json", exclude_none=True)
+            opts["autoscaling_config"] = d.autoscaling.serve_autoscaling_config()
         else:
             # A fixed count is rendered as autoscaling pinned to it: Serve 2.60 hashes "is there an
             # autoscaling_config" into the app's code version, so switching between num_replicas and
@@ -338,6 +364,7 @@ def config_of_application(app: dict[str, Any]) -> AppConfig:
     deployment = dict(data.get("deployment") or {})
     if "request_timeout_s" in user_config:
         deployment["request_timeout_s"] = user_config.pop("request_timeout_s")
+    targets = user_config.pop("autoscaling_targets", None)
     if user_config:
         data["batching"] = user_config
     for key in _DEPLOYMENT_ENTRY_FIELDS:
@@ -347,8 +374,13 @@ def config_of_application(app: dict[str, Any]) -> AppConfig:
     if scaling and set(scaling) == _PINNED and len(set(scaling.values())) == 1:
         deployment["num_replicas"] = scaling["min_replicas"]
     elif scaling:
-        fields = AutoscalingConfig.model_fields
+        fields = set(AutoscalingConfig.model_fields) - AutoscalingConfig.LLM_FIELDS
         deployment["autoscaling"] = {k: v for k, v in scaling.items() if k in fields}
+        if (scaling.get("policy") or {}).get("policy_function") == LLM_POLICY:
+            deployment["autoscaling"]["policy"] = "llm"
+            if targets:
+                deployment["autoscaling"].update(target_ttft_s=targets["ttft_s"],
+                                                 target_waiting_requests=targets["waiting_requests"])
     backpressure = dep.get("backpressure_config") or {}
     if "status_code" in backpressure:
         deployment["backpressure_status_code"] = backpressure["status_code"]

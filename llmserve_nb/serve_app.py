@@ -16,12 +16,15 @@ import asyncio
 import logging
 import os
 import secrets
+import time
+from collections import deque
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from llmserve_nb.autoscaling import PRESSURE_METRIC
 from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, BatchingConfig, nest_dotted
 from llmserve_nb.engine import (
     EngineDeadError,
@@ -94,6 +97,7 @@ class LLMServer:
         # Prometheus metrics (vLLM's names) and this replica's /stats, from the same records.
         self.metrics = ServerMetrics(self.engine.model_name, engine_stats=self.engine.stats)
         self._records: dict[str, RequestRecord] = {}
+        self._recent_ttft: deque[tuple[float, float]] = deque(maxlen=4096)  # (when, ttft) for autoscaling
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.api_key = os.environ.get(API_KEY_ENV) or None
         self.reconfigure(self.config.user_config())
@@ -102,6 +106,7 @@ class LLMServer:
         """Serve calls this on deploy and whenever user_config changes, without restarting the replica."""
         user_config = dict(user_config)
         self.request_timeout_s = user_config.pop("request_timeout_s", None)
+        self.autoscaling_targets = user_config.pop("autoscaling_targets", None)
         batching = BatchingConfig.model_validate(user_config)
         self._admit.set_max_batch_size(batching.max_batch_size)
         self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -113,6 +118,20 @@ class LLMServer:
         """Serve's periodic health check: fails when the engine's decode loop has died, so Serve
         replaces the replica instead of routing requests to an actor that can only answer errors."""
         self.engine.check_health()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve collects this for custom autoscaling policies (`AutoscalingConfig(policy="llm")`): this
+        replica's pressure, waiting requests and recent TTFT against their targets (1.0 = on target)."""
+        if not self.autoscaling_targets:
+            return {}
+        now = time.monotonic()
+        while self._recent_ttft and now - self._recent_ttft[0][0] > 30.0:
+            self._recent_ttft.popleft()
+        ttfts = sorted(t for _, t in self._recent_ttft)
+        ttft_p90 = ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else 0.0
+        targets = self.autoscaling_targets
+        pressure = max(self.metrics.waiting / targets["waiting_requests"], ttft_p90 / targets["ttft_s"])
+        return {PRESSURE_METRIC: pressure}
 
     @staticmethod
     def _max_ongoing_requests() -> int:
@@ -164,7 +183,9 @@ class LLMServer:
                 raise admitted
             stream = admitted
             async for out in _deadline(stream, self.request_timeout_s, prepared.request_id):
-                rec.first_token()
+                if rec.first_token_at is None:
+                    rec.first_token()
+                    self._recent_ttft.append((time.monotonic(), rec.first_token_at - rec.started))
                 if out.result is not None and streamed:
                     r = out.result
                     rec.finish(200, r.finish_reason, r.prompt_tokens, r.completion_tokens)

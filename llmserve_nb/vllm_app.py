@@ -202,6 +202,18 @@ def _graceful(config: AppConfig) -> dict[str, float]:
     }
 
 
+def _serve_autoscaling(auto) -> dict[str, Any]:
+    """Serve's `autoscaling_config` for the LLMServer: the project's own fields (policy and its targets) are
+    not Serve's. Only Serve's default policy applies here: `policy='llm'` reads the transformers replica's
+    own statistics, which an LLMServer does not have."""
+    if getattr(auto, "policy", "ongoing_requests") != "ongoing_requests":
+        raise ConfigError(f"autoscaling.policy={auto.policy!r} is for backend='transformers'; with backend='vllm' "
+                          "use 'ongoing_requests' (Serve's default, on target_ongoing_requests)")
+    if hasattr(auto, "serve_autoscaling_config"):
+        return auto.serve_autoscaling_config()
+    return auto.model_dump(mode="json", exclude_none=True)
+
+
 def llm_server_options(config: AppConfig) -> dict[str, Any]:
     """The `deployments:` entry of `LLMServer:<model_id>` (without its name): all updated in place."""
     d = config.deployment
@@ -215,7 +227,7 @@ def llm_server_options(config: AppConfig) -> dict[str, Any]:
         **_graceful(config),
     }
     if d.autoscaling is not None:
-        opts["autoscaling_config"] = d.autoscaling.model_dump(mode="json", exclude_none=True)
+        opts["autoscaling_config"] = _serve_autoscaling(d.autoscaling)
     else:
         # Ray's code sets an autoscaling_config (target 1e9); Serve refuses num_replicas next to one.
         opts["num_replicas"] = d.num_replicas

@@ -291,10 +291,10 @@ def test_eos_honoured_ends_requests_early_and_splits_short_ones(fake):
 
 def test_soak_is_bounded_and_reports_windows(fake):
     t0 = time.monotonic()
-    run_ = bench.soak(fake.url + "/ok", Workload(num_requests=10_000, output_tokens=4), duration_s=1.2,
+    run_ = bench.soak(fake.url + "/ok", Workload(num_requests=10_000, output_tokens=4), duration_s=1.8,
                       concurrency=2, progress=False)
-    assert time.monotonic() - t0 < 4
-    table = bench.soak_table(run_, 0.4)
+    assert time.monotonic() - t0 < 5
+    table = bench.soak_table(run_, 0.6)
     assert list(table["window"]) == [1, 2, 3]
     assert (table["completed"] > 0).all() and (table["errors"] == 0).all()
     assert table["tpot_vs_first"].iloc[0] == pytest.approx(1.0)

@@ -36,14 +36,15 @@ def warm_cluster(request):
     from llmserve_nb import connect
     from llmserve_nb.cluster import ClusterError
 
-    for attempt in range(3):
+    attempts = 6
+    for attempt in range(attempts):
         try:
             connect()
             break
         except ClusterError as e:
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
                 raise
-            time.sleep(10)
+            time.sleep(5)
     return request.getfixturevalue("cluster")
 
 
@@ -97,18 +98,21 @@ def test_burst_over_a_tiny_queue_is_refused_fast_with_retry_after(tiny):
     capacity = 2 * 2 + 2  # replicas x max_ongoing_requests + max_queued_requests
     rel.burst(tiny.base_url, 2, api_key=API_KEY, max_tokens=2)  # warm both connections and the replicas
     over = rel.burst(tiny.base_url, 20, api_key=API_KEY, max_tokens=TOKENS)
-    alone = rel.burst(tiny.base_url, max(1, over["accepted"]), api_key=API_KEY, max_tokens=TOKENS)
+    # The same number of requests without the excess (at most what the app admits, so none is refused).
+    alone = rel.burst(tiny.base_url, max(1, min(over["accepted"], capacity)), api_key=API_KEY, max_tokens=TOKENS)
     _report("backpressure", {"burst": {k: v for k, v in over.items() if k != "rows"},
                              "alone": {k: v for k, v in alone.items() if k != "rows"}})
     assert over["other_failures"] == 0, over["other_examples"]
-    assert 1 <= over["accepted"] <= capacity + 2, over  # +2: a request may finish while the burst still arrives
+    # Serve admits max_ongoing per replica plus max_queued; measured: one more now and then (7 of 20).
+    assert 1 <= over["accepted"] <= capacity + 2, over
     assert over["refused"] == 20 - over["accepted"] and over["refused_statuses"] == [503]
+    assert "backpressure" in over["refusal_example"]
     assert over["refused_with_retry_after"] == over["refused"] and over["retry_after"] == ["3"]
     assert over["refused_max_s"] < 1.0, over  # refused at once, not after waiting for a slot
-    # Every accepted request ran to the end, and no slower than the same number sent alone.
+    # Every accepted request ran to the end, and the refused excess did not slow them down.
     assert all(r["completion_tokens"] == TOKENS for r in over["rows"] if r["status"] == 200)
-    assert alone["accepted"] == alone["requests"]
-    assert over["accepted_p99_s"] <= 2.0 * alone["accepted_p99_s"] + 1.0, (over, alone)
+    assert alone["refused"] == 0 and alone["other_failures"] == 0, alone
+    assert over["accepted_p99_s"] <= 1.5 * alone["accepted_p99_s"] + 1.0, (over, alone)
 
 
 def test_backpressure_status_429_is_applied_in_place(tiny):

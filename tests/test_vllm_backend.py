@@ -389,6 +389,24 @@ class TestRayServeLLMOnCPU:
         r = client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=16)
         assert "Paris" in r.choices[0].message.content
 
+    def test_tuner_autoscales_the_llm_server_in_place(self, app):
+        """ServeTuner on a vLLM app (notebook 02): batching declined with a note, autoscaling applied in place."""
+        from llmserve_nb.widgets import ServeTuner
+
+        t = ServeTuner(app)
+        assert t.max_batch_size.disabled and "not adjustable on a vLLM app" in t.batching_note.value
+        before = t.replica_ids()
+        assert len(before) == 1 and t.wait_for_replicas(1, timeout_s=30) == 1
+        t0 = time.monotonic()
+        got = t.apply_batching(max_batch_size=4)  # declined: the tuner says why instead of failing
+        assert got["batching"] is None and got["replica_kept"] and "continuously" in got["note"]
+        t.set(autoscaling=True, replicas=(1, 1), target_ongoing_requests=3.0)
+        t.apply()
+        assert time.monotonic() - t0 < 90, "autoscaling changes should update in place"
+        assert t.replica_ids() == before and "applied" in t.status.value
+        auto = app.status()["deployed_app_config"]["deployments"][0]["autoscaling_config"]
+        assert auto["target_ongoing_requests"] == 3.0 and auto["max_replicas"] == 1
+
 
 @pytest.mark.vllm
 @pytest.mark.ray
@@ -434,3 +452,13 @@ def test_a_deployed_vllm_app_gives_back_its_config():
         assert back.to_application() == app
     with pytest.raises(ConfigError, match="not ray.serve.llm"):
         config_of_vllm_application(AppConfig().to_application())
+
+
+def test_autoscaling_renders_serves_fields_only():
+    cfg = vllm_config(deployment=DeploymentConfig(autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2,
+                                                                               target_ongoing_requests=2.0)))
+    auto = entries(rendered(cfg))[vllm_app.llm_server_deployment_name(cfg.engine.model_name)]["autoscaling_config"]
+    assert auto["target_ongoing_requests"] == 2.0 and "policy" not in auto and "target_ttft_s" not in auto
+    if "policy" in AutoscalingConfig.model_fields:
+        with pytest.raises(ConfigError, match="policy='llm'"):
+            vllm_config(deployment=DeploymentConfig(autoscaling=AutoscalingConfig(policy="llm"))).to_application()

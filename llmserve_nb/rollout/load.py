@@ -259,9 +259,25 @@ def share_over_time(samples: list[Sample], bin_s: float = 2.0) -> list[dict[str,
     return [{"t_s": b * bin_s, **counts} for b, counts in sorted(rows.items())]
 
 
+def _configured_split(markers: list[Marker]) -> list[tuple[float, float]]:
+    """(time, canary percent) from the markers a Rollout left (`on_change=load.mark`): "50%", "promoted"..."""
+    points = []
+    for m in markers:
+        label = m.label.split(":")[0].strip()
+        if label.endswith("%") and label[:-1].replace(".", "", 1).isdigit():
+            points.append((m.t_s, float(label[:-1])))
+        elif label == "promoted":
+            points.append((m.t_s, 100.0))
+        elif label == "rolled back":
+            points.append((m.t_s, 0.0))
+    # Keep changes only (promote sends 100 % twice: before and after the old version is dropped).
+    return [p for i, p in enumerate(points) if i == 0 or p[1] != points[i - 1][1]]
+
+
 def plot_traffic_share(load: TrafficLoad, bin_s: float = 2.0, ax=None, versions: list[str] | None = None):
-    """Stacked share of completed requests by version over time (by request start), with the
-    load's markers (weight changes, promote) as vertical lines."""
+    """Stacked bars: the share of completed requests each version answered per `bin_s` (by request
+    start). With `versions=[stable, canary]` the stable is at the bottom and the black step line is
+    the configured split (100 - canary weight) as the router applied it, from the load's markers."""
     import matplotlib.pyplot as plt
 
     rows = load.share_over_time(bin_s)
@@ -269,18 +285,25 @@ def plot_traffic_share(load: TrafficLoad, bin_s: float = 2.0, ax=None, versions:
     ax = ax or plt.subplots(figsize=(9, 3.5))[1]
     t = [r["t_s"] for r in rows]
     totals = [sum(r.get(n, 0) for n in names) or 1 for r in rows]
-    shares = [[100.0 * r.get(n, 0) / tot for r, tot in zip(rows, totals)] for n in names]
-    if rows:
-        ax.stackplot(t, *shares, labels=names, step="post", alpha=0.8)
-    for m in load.markers:
-        if m.label not in ("start", "stop"):
-            ax.axvline(m.t_s, color="k", ls=":", lw=1)
-            ax.text(m.t_s, 101, m.label, rotation=0, fontsize=8, va="bottom")
+    bottom = [0.0] * len(rows)
+    for n in names:
+        share = [100.0 * r.get(n, 0) / tot for r, tot in zip(rows, totals)]
+        ax.bar(t, share, width=bin_s, bottom=bottom, align="edge", label=n, alpha=0.85)
+        bottom = [b + v for b, v in zip(bottom, share)]
+    split = _configured_split(load.markers)
+    if split and len(names) == 2:
+        end = max([load.now() if load._thread else 0.0] + [m.t_s for m in load.markers])
+        xs = [0.0] + [p[0] for p in split] + [end]
+        ys = [100.0] + [100.0 - p[1] for p in split] + [100.0 - split[-1][1]]
+        ax.step(xs, ys, where="post", color="k", lw=1.5, label="configured split")
+    for i, (t_s, w) in enumerate(split):
+        ax.axvline(t_s, color="k", ls=":", lw=0.8)
+        ax.text(t_s, 102 + 7 * (i % 2), f"{w:g}%", fontsize=8, ha="center", va="bottom")
     ax.set_xlabel("time since load start (s)")
     ax.set_ylabel("share of requests (%)")
     ax.set_ylim(0, 100)
     ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("traffic share by version", pad=16)
+    ax.set_title("traffic share by version (labels: canary weight)", pad=26)
     return ax
 
 

@@ -78,6 +78,21 @@ class _Unreachable(Exception):
     pass
 
 
+class _RelayResponse(StreamingResponse):
+    """A streamed answer whose clean-up (close the version's response, count it out of in-flight) runs
+    however the response ends, even when the client left before the body started."""
+
+    def __init__(self, content: AsyncIterator[bytes], status_code: int, on_close) -> None:
+        super().__init__(content, status_code=status_code)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
 @serve.deployment(name=ROUTER_DEPLOYMENT, max_ongoing_requests=1000, max_queued_requests=-1,
                   ray_actor_options={"num_cpus": 0})
 class RolloutRouter:
@@ -182,7 +197,16 @@ class RolloutRouter:
             stats.statuses[str(resp.status_code)] += 1
             out_headers = [(k, v) for k, v in resp.headers.raw if k.decode("latin-1").lower() not in _DROP_RESPONSE]
             out_headers += [(SERVED_BY_HEADER.encode(), name.encode()), (EPOCH_HEADER.encode(), str(epoch).encode())]
-            response = StreamingResponse(self._relay(resp, stats, t0), status_code=resp.status_code)
+            closed = False
+
+            async def close() -> None:
+                nonlocal closed
+                if not closed:
+                    closed = True
+                    stats.in_flight -= 1
+                    await resp.aclose()
+
+            response = _RelayResponse(self._relay(resp, stats, t0, close), resp.status_code, close)
             response.raw_headers = out_headers  # the version's own headers (content-type included), plus ours
             handed_over = True
             return response
@@ -190,7 +214,7 @@ class RolloutRouter:
             if not handed_over:
                 stats.in_flight -= 1
 
-    async def _relay(self, resp: httpx.Response, stats: _VersionStats, t0: float) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: httpx.Response, stats: _VersionStats, t0: float, close) -> AsyncIterator[bytes]:
         first = True
         try:
             async for chunk in resp.aiter_raw():
@@ -202,8 +226,7 @@ class RolloutRouter:
             stats.broken_streams += 1
             raise
         finally:
-            stats.in_flight -= 1
-            await resp.aclose()
+            await close()
 
 
 def build_router(args: dict[str, Any] | None = None) -> serve.Application:
