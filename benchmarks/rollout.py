@@ -19,10 +19,10 @@ import time
 
 
 def _wait_time_or_requests(load, seconds: float, min_requests: int) -> None:
-    t_end = time.monotonic() + seconds
+    """Hold for `seconds`, and until `min_requests` more requests completed (at most 300 s more)."""
     n0 = load.completed()
-    while time.monotonic() < t_end or load.completed() < n0 + min_requests:
-        time.sleep(0.2)
+    time.sleep(seconds)
+    load.wait_completed(n0 + min_requests, timeout_s=300.0)
 
 
 def main(argv=None) -> int:

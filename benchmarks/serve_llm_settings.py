@@ -69,6 +69,13 @@ def _no_engine_metrics(app: dict) -> None:
     _llm(app)["log_engine_metrics"] = False
 
 
+def _bind(app: dict) -> None:
+    """Pin the engine's OMP threads to cores 0..n-1 (how the bare server is run), n = the rendered threads."""
+    env = _llm(app)["runtime_env"]["env_vars"]
+    n = int(env.pop("OMP_NUM_THREADS", "0") or 0) or int(env["VLLM_CPU_OMP_THREADS_BIND"].split("-")[-1]) + 1
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{n - 1}" if n > 1 else "0"
+
+
 def _both(*changes: Callable[[dict], None]) -> Callable[[dict], None]:
     def change(app: dict) -> None:
         for c in changes:
@@ -78,12 +85,13 @@ def _both(*changes: Callable[[dict], None]) -> Callable[[dict], None]:
 
 # name -> (AppConfig overrides, change to the rendered application entry, what it is)
 CANDIDATES: dict[str, tuple[dict[str, Any], Callable[[dict], None] | None, str]] = {
-    "rendered": ({}, None, "what vllm_app renders (engine binds both cores, ingress 0 CPU)"),
+    "rendered": ({}, None, "what vllm_app renders (ingress 0 CPU; engine threads unpinned: OMP bind `nobind`)"),
     "stream100": ({}, _stream_batching(100), "experimental_configs.stream_batching_interval_ms=100 (default 50)"),
     "stream0": ({}, _stream_batching(0), "stream_batching_interval_ms=0: every chunk sent as it comes"),
     "quiet": ({}, _quiet, "Serve access log off, app log level WARNING, RAYLLM_ENABLE_REQUEST_PROMPT_LOGS=0"),
     "nometrics": ({}, _no_engine_metrics, "log_engine_metrics=False (no ray_vllm_* metrics)"),
     "engine1core": ({"engine.torch_threads": 1}, None, "engine binds core 0 only: core 1 left to proxy+ingress"),
+    "bind": ({}, _bind, "VLLM_CPU_OMP_THREADS_BIND=0-<threads-1>: OMP threads pinned, as the bare server runs"),
     "quiet+stream100": ({}, _both(_quiet, _stream_batching(100)), "quiet and stream100"),
 }
 __doc__ += "".join(f"\n- `{k}`: {v[2]}" for k, v in CANDIDATES.items())
@@ -166,7 +174,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the vLLM venv (`llmserve-nb vllm-env`)")
     p.add_argument("--dtypes", default="float32", help="comma list from float32,bfloat16")
-    p.add_argument("--candidates", default="rendered,quiet,stream100,engine1core",
+    p.add_argument("--candidates", default="rendered,bind,quiet,stream100",
                    help=f"comma list from {','.join(CANDIDATES)}")
     p.add_argument("--other-dtype-candidates", default="rendered",
                    help="candidates for the dtypes after the first (default: only `rendered`)")
@@ -175,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--level-timeout-s", type=float, default=120.0, help="each level stops after this")
     p.add_argument("--deploy-timeout-s", type=float, default=420.0)
     p.add_argument("--budget-minutes", type=float, default=40.0, help="no new system starts after this")
+    p.add_argument("--bare-nobind", action="store_true",
+                   help="also the bare server with VLLM_CPU_OMP_THREADS_BIND=nobind, OMP_NUM_THREADS=2")
     p.add_argument("--no-bare-again", action="store_true", help="skip the closing bare run")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "serve_llm_settings")
     args = p.parse_args(argv)
@@ -203,14 +213,25 @@ def main(argv=None) -> int:
             log(notes[-1])
         (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
 
-    def bare(dtype: str, label: str):
+    def bare(dtype: str, label: str, nobind: bool = False):
         def run():
-            with vllm_server(dtype, free_port(), venv=args.venv) as url:
-                return drive(label, url, None, args)
+            saved = os.environ.get("OMP_NUM_THREADS")
+            if nobind:
+                os.environ["OMP_NUM_THREADS"] = "2"
+            try:
+                with vllm_server(dtype, free_port(), venv=args.venv, threads_bind="nobind" if nobind else "0-1") as url:
+                    return drive(label, url, None, args)
+            finally:
+                if saved is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = saved
         return run
 
     for dtype in dtypes:
         step(f"bare {dtype}", bare(dtype, f"bare {dtype}"))
+    if args.bare_nobind:
+        step("bare-nobind float32", bare("float32", "bare-nobind float32", nobind=True))
 
     from llmserve_nb.cluster import connect
 
@@ -264,7 +285,7 @@ def report(rows, dtypes, names, notes, minutes) -> str:
     for dtype in dtypes:
         ref = f"bare {dtype}"
         base = {k: _metric(rows, ref, w, "ttft_ms_p50" if k == "c1" else "output_tok_per_s") for k, w in wls.items()}
-        for system in [ref] + [f"ours {n} {dtype}" for n in CANDIDATES]:
+        for system in [ref, f"bare-nobind {dtype}"] + [f"ours {n} {dtype}" for n in CANDIDATES]:
             if not any(r["system"] == system for r in rows):
                 continue
             cells = []

@@ -257,26 +257,7 @@ class Cluster:
         as failed raises DeployError with Serve's own message.
         """
         config = config or AppConfig()
-        self._refuse_if_managed(f"deploy {config.name!r}")
-        details = self.serve_details()
-        others = [
-            app["deployed_app_config"]
-            for name, app in (details.get("applications") or {}).items()
-            if name != config.name and app.get("deployed_app_config")
-        ]
-        for other in others:
-            if other.get("route_prefix") == config.route_prefix:
-                raise DeployError(
-                    f"route_prefix {config.route_prefix!r} is taken by application {other['name']!r}; "
-                    "give this app another name and route_prefix"
-                )
-        body = config.to_serve_config(http_host=self.serve_host, http_port=urlparse(self.serve_url).port or 80)
-        if details.get("http_options"):
-            # Serve's proxy options are fixed once it runs; resend them unchanged.
-            body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
-        body["applications"] = others + body["applications"]
-        self._api("PUT", "/api/serve/applications/", refused=DeployError, json=body)
-        self.deployed.add(config.name)
+        self.deploy_application(config.to_application())
         handle = self.handles.get(config.name)
         if handle is None:
             handle = self.handles[config.name] = AppHandle(self, config)
@@ -284,6 +265,35 @@ class Cluster:
         if wait:
             handle.wait_running(timeout_s=timeout_s, progress=progress)
         return handle
+
+    def deploy_application(self, application: dict[str, Any]) -> None:
+        """Send one raw `applications:` entry (what `AppConfig.to_application()` renders, or any Serve app,
+        e.g. the rollout router) without waiting; the cluster's other applications and Serve's proxy
+        options are kept. Refused when a RayService owns Serve here or the route prefix is taken."""
+        name, prefix = application["name"], application.get("route_prefix")
+        self._refuse_if_managed(f"deploy {name!r}")
+        details = self.serve_details()
+        others = [
+            app["deployed_app_config"]
+            for other, app in (details.get("applications") or {}).items()
+            if other != name and app.get("deployed_app_config")
+        ]
+        for other in others:
+            if prefix is not None and other.get("route_prefix") == prefix:
+                raise DeployError(
+                    f"route_prefix {prefix!r} is taken by application {other['name']!r}; "
+                    "give this app another name and route_prefix"
+                )
+        body: dict[str, Any] = {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": self.serve_host, "port": urlparse(self.serve_url).port or 80},
+            "applications": others + [application],
+        }
+        if details.get("http_options"):
+            # Serve's proxy options are fixed once it runs; resend them unchanged.
+            body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
+        self._api("PUT", "/api/serve/applications/", refused=DeployError, json=body)
+        self.deployed.add(name)
 
     def delete(self, app_name: str, timeout_s: float = 120.0) -> None:
         """Remove one application; shuts Serve down when it was the last one."""

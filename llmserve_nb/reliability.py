@@ -58,6 +58,29 @@ INJECTED_FAULT = "engine loop killed by llmserve_nb.reliability.kill_engine_loop
 
 
 # ---- HTTP probes ---------------------------------------------------------------------------------
+def _run_sync(coro: Any) -> Any:
+    """asyncio.run, also from a Jupyter cell (whose event loop already runs in this thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, as `llmserve_nb.bench` uses)."""
+    if not values:
+        return math.nan
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -113,16 +136,12 @@ def burst(base_url: str, n: int = 20, *, api_key: str | None = None, max_tokens:
     """`n` completions sent at the same instant. Returns per-request rows and a summary: how many were
     accepted (200), refused for backpressure (503/429, with Retry-After?), failed otherwise or unanswered,
     and the latencies of each group."""
-    from llmserve_nb.bench.runner import _run_sync
-
     rows = _run_sync(_burst(base_url, n, api_key, max_tokens, timeout_s, prompt))
     ok = [r for r in rows if r["status"] == 200]
     refused = [r for r in rows if r["status"] in BACKPRESSURE_STATUSES]
     other = [r for r in rows if r not in ok and r not in refused]
 
     def pct(rs: list[dict], q: float) -> float:
-        from llmserve_nb.bench.metrics import _percentile
-
         return _percentile([r["latency_s"] for r in rs], q)
 
     return {
@@ -208,23 +227,28 @@ def kill_replica(cluster: Cluster, app_name: str, how: str = "ray_kill", replica
     return {"replica_id": r["replica_id"], "pid": r.get("pid"), "how": how, "killed_at": t}
 
 
-def _poison_engine(_actor: Any) -> int:
+def _poison_engine(_actor: Any) -> dict[str, Any]:
     """Runs inside a replica process (through `__ray_call__`): make the engine's decode loop die as a
     bug inside the loop would (its `_loop` catches it, records `fatal` and fails every row), without
-    touching Serve's internals. Returns how many engines were found."""
-    import gc
-
-    from llmserve_nb.engine.scheduler import ContinuousBatcher
+    touching Serve's internals. The engine is found through its scheduler thread
+    ("llm-continuous-batcher", whose target is the batcher's `_loop`)."""
+    import os
+    import threading
 
     def boom(*_: Any) -> Any:
         raise RuntimeError(INJECTED_FAULT)
 
-    found = [o for o in gc.get_objects() if isinstance(o, ContinuousBatcher)]
+    found = []
+    for thread in threading.enumerate():
+        target = getattr(thread, "_target", None)
+        batcher = getattr(target, "__self__", None)
+        if thread.name.startswith("llm-continuous-batcher") and batcher is not None and thread.is_alive():
+            found.append(batcher)
     for batcher in found:
         batcher._take = boom  # the loop's next iteration raises
-        with batcher._cond:
-            batcher._cond.notify_all()
-    return len(found)
+        batcher.abort("reliability-fault-injection")  # wakes an idle loop (an abort of no request)
+    return {"engines": len(found), "pid": os.getpid(),
+            "threads": sorted({t.name for t in threading.enumerate()})[:30]}
 
 
 def kill_engine_loop(cluster: Cluster, app_name: str, replica_id: str | None = None) -> dict[str, Any]:
@@ -233,9 +257,10 @@ def kill_engine_loop(cluster: Cluster, app_name: str, replica_id: str | None = N
     ray = _require_ray()
     r = _pick(cluster, app_name, replica_id)
     t = time.time()
-    n = ray.get(_serve_actor(ray, r).__ray_call__.remote(_poison_engine), timeout=120)
-    if n != 1:
-        raise RuntimeError(f"expected one engine in replica {r['replica_id']}, found {n}")
+    found = ray.get(_serve_actor(ray, r).__ray_call__.remote(_poison_engine), timeout=120)
+    if found["engines"] != 1:
+        raise RuntimeError(f"expected one engine in replica {r['replica_id']} (pid {r.get('pid')}), found "
+                           f"{found['engines']} in pid {found['pid']}; threads: {found['threads']}")
     return {"replica_id": r["replica_id"], "pid": r.get("pid"), "how": "engine_loop", "killed_at": t}
 
 
@@ -278,9 +303,10 @@ def wait_served_by(base_url: str, replica_ids: set[str], *, api_key: str | None 
 class LoadTimeline:
     """A closed-loop load (`llmserve_nb.bench.run_benchmark`) plus what happened meanwhile.
 
-    Times are seconds from the start of the load: request times come from the run itself; `events`
-    (kills, updates, their outcomes) and `samples` (running replicas every `sample_every_s`) are
-    stamped against the same start (within a few ms: the client's set-up)."""
+    Times are seconds since the load's first request (the run's own clock): `events` (kills, updates,
+    their outcomes) and `samples` (running replicas every `sample_every_s`) are shifted onto it, within
+    a few ms. An action scheduled `at_s` into the load therefore shows at about `at_s` minus the
+    client's set-up time."""
 
     run: BenchRun
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -364,13 +390,21 @@ def run_load(
     try:
         run = run_benchmark(base_url, workload, concurrency=concurrency, model=model, label="load",
                             progress=False, api_key=api_key)
+        # The run's clock starts when its client is ready (its first send), a moment after t0 (up to a
+        # second on a loaded machine); it ends `duration_s` later, just before run_benchmark returns.
+        offset = max(0.0, (time.perf_counter() - t0) - run.duration_s)
         threads[0].join()
     finally:
         stop.set()
         for t in threads[1:]:
             t.join(timeout=10)
+    # Everything on the run's clock: seconds since its first request was sent.
     for ev in timeline_events:
-        ev["wall_start"] = wall0
+        ev["t"] -= offset
+        ev["t_end"] -= offset
+        ev["wall_start"] = wall0 + offset
+    for sample in samples:
+        sample["t"] -= offset
     return LoadTimeline(run, timeline_events, samples, errors)
 
 
@@ -497,8 +531,9 @@ def fuzz_openapi(
     reproduces one (the API key shown as `$LLMSERVE_NB_API_KEY`).
 
     `max_tokens_cap` lowers generated `max_tokens` / `max_new_tokens` values between the cap and the
-    server's limit to the cap, so that the budget is spent on inputs, not on decoding long answers
-    (values above any limit are kept: they must get a 400)."""
+    server's limit to the cap, and sets it where a valid case leaves the field out, so that the budget
+    is spent on inputs, not on decoding long answers (values above any limit are kept: they must get a
+    400)."""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -519,13 +554,15 @@ def fuzz_openapi(
     findings: dict[tuple[str, str, int | None], dict[str, Any]] = {}
     runs: list[dict[str, Any]] = []
 
-    def cap(case: Any) -> None:
+    def cap(case: Any, mode: str) -> None:
         body = case.body
         if max_tokens_cap and isinstance(body, dict):
-            for key in ("max_tokens", "max_new_tokens"):
-                v = body.get(key)
-                if isinstance(v, int) and not isinstance(v, bool) and max_tokens_cap < v <= 512:
-                    body[key] = max_tokens_cap
+            key = "max_new_tokens" if case.path == "/generate" else "max_tokens"
+            v = body.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and max_tokens_cap < v <= 512:
+                body[key] = max_tokens_cap
+            elif key not in body and mode == "positive":
+                body[key] = max_tokens_cap  # the defaults (16, 64, 256 for chat) would spend the budget decoding
 
     for result in schema.get_all_operations():
         op = result.ok()
@@ -539,7 +576,7 @@ def fuzz_openapi(
             @settings(max_examples=max_examples, deadline=None, database=None, 
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
             def one(case: Any) -> None:
-                cap(case)
+                cap(case, mode)
                 stats["cases"] += 1
                 status = None
                 try:

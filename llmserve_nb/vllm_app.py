@@ -121,7 +121,16 @@ def _engine_env(config: AppConfig) -> dict[str, str]:
         threads = _cpu_threads(config)
         env.update({
             "VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_GIB),
-            "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+            # Unpinned OMP threads, as many as the replica reserved. Pinning ("0-<n-1>", how vLLM's own server
+            # is run) is wrong under Ray: Ray does not tell a replica which cores are its own, so every replica
+            # of a node pinned to the same cores (notebook 02's two 1-CPU replicas on a 2-core node both ran on
+            # core 0). Pinned OMP threads that share their cores with Serve's proxy and ingress also wait at
+            # every barrier for a descheduled thread: on this project's heavily loaded 2-core CI machine
+            # (load average 30-60), bare vLLM pinned to 0-1 generated 0.3-0.8 tok/s. The throughput effect of
+            # `nobind` vs pinning on a quiet node is not measured yet: benchmarks/serve_llm_settings.py,
+            # candidates `rendered` vs `bind` (and --bare-nobind), measures it.
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "OMP_NUM_THREADS": str(threads),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         })
     # The application's env_vars reach the replica actors through Serve, but not the vLLM engine workers

@@ -136,13 +136,16 @@ def test_ingress_class_is_ours_and_keeps_rays_deployment_name():
 
 
 def test_cpu_reservation_follows_deployment_num_cpus_and_fits_two_cores():
-    for cpus, bind in ((1.0, "0"), (2.0, "0-1"), (0.5, "0")):
+    for cpus, threads in ((1.0, "1"), (2.0, "2"), (0.5, "1")):
         app = rendered(vllm_config(deployment=DeploymentConfig(num_cpus=cpus)))
         (llm,) = app["args"]["llm_configs"]
         assert llm["placement_group_config"]["bundle_per_worker"] == {"CPU": cpus}
         ingress = entries(app)["OpenAiIngress"]
         assert ingress["ray_actor_options"] == {"num_cpus": 0}
-        assert llm["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == bind
+        # As many engine threads as the replica reserved, unpinned: Ray does not say which cores are a
+        # replica's, so pinning would put every replica of a node on the same cores.
+        env = llm["runtime_env"]["env_vars"]
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and env["OMP_NUM_THREADS"] == threads
         # The whole app reserves exactly deployment.num_cpus (Ray's default wants 3 and never fits 2 cores).
         server_actor = llm["deployment_config"]["ray_actor_options"]["num_cpus"]
         assert llm["placement_group_config"]["bundle_per_worker"]["CPU"] + server_actor + 0 == cpus

@@ -157,24 +157,16 @@ class Rollout:
     # ---- router ----------------------------------------------------------------------------
     def _apply(self, versions: list[Version], action: str) -> RouterConfig:
         """Send the router its new user_config and return once the router answers with it."""
-        self.cluster._refuse_if_managed(f"change the rollout router {self.name!r}")
         details = self.cluster.serve_details()
         current = self._deployed_router_config(details)
         epoch = max(current.epoch if current else 0, self._config.epoch if self._config else 0) + 1
         config = RouterConfig(epoch=epoch, versions=versions, upstream=self._upstream(details),
                               sticky_header=self.sticky_header.lower(), request_timeout_s=self.request_timeout_s)
-        apps = details.get("applications") or {}
-        for other, app in apps.items():
+        for other, app in (details.get("applications") or {}).items():
             if other != self.name and app.get("route_prefix") == self.route_prefix:
                 raise RolloutError(f"the public route {self.route_prefix!r} is taken by application {other!r}; "
                                    "pick another route_prefix for the rollout")
-        others = [a["deployed_app_config"] for n, a in apps.items() if n != self.name and a.get("deployed_app_config")]
-        http = {k: v for k, v in (details.get("http_options") or {}).items() if k in ("host", "port")}
-        body = {"proxy_location": "EveryNode",
-                "http_options": http or {"host": self.cluster.serve_host,
-                                         "port": httpx.URL(self.cluster.serve_url).port or 8000},
-                "applications": others + [self._app_entry(config)]}
-        self.cluster._api("PUT", "/api/serve/applications/", refused=DeployError, json=body)
+        self.cluster.deploy_application(self._app_entry(config))  # cluster.shutdown() removes the router too
         self._wait_applied(config)
         self._config = config
         self.history.append({"t": time.time(), "epoch": epoch, "action": action, "weights": config.weights()})
