@@ -196,6 +196,21 @@ class Cluster:
             })
         return rows
 
+    def metrics_urls(self) -> list[str]:
+        """Ray's metrics export endpoint (`http://<node>:<metrics-export-port>/metrics`) of each alive node,
+        from the dashboard's node summary. The head is addressed as the dashboard is (e.g. 127.0.0.1)."""
+        data = self._api("GET", "/nodes", params={"view": "summary"})
+        dashboard_host = urlparse(self.dashboard_url).hostname
+        urls = []
+        for node in (data.get("data") or {}).get("summary") or []:
+            raylet = node.get("raylet") or {}
+            port = raylet.get("metricsExportPort")
+            if raylet.get("state", "ALIVE") != "ALIVE" or not port:
+                continue
+            host = dashboard_host if raylet.get("isHeadNode") else raylet.get("nodeManagerAddress") or node.get("ip")
+            urls.append(f"http://{host}:{port}/metrics")
+        return urls
+
     def serve_details(self) -> dict[str, Any]:
         return self._api("GET", "/api/serve/applications/")
 

@@ -261,6 +261,14 @@ class LiveMonitor:
         self._widget: Any = None
         self._final_shown = False
 
+    @classmethod
+    def for_app(cls, app: Any, prometheus_url: str | None = None, **options: Any) -> LiveMonitor:
+        """A monitor of one deployed app (an `AppHandle`): its application's series, from `prometheus_url`
+        when given, else from the metrics endpoints of every node of the cluster the app runs on."""
+        if prometheus_url:
+            return cls(prometheus_url, application=app.name, **options)
+        return cls(application=app.name, metrics_urls=app.cluster.metrics_urls(), **options)
+
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> LiveMonitor:
         if self._thread is not None:

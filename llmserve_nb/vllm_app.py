@@ -315,24 +315,6 @@ def vllm_batch_metrics(metrics_urls: list[str], timeout_s: float = 5.0) -> dict[
     return {"running": total[names[0]], "waiting": total[names[1]]}
 
 
-def metrics_urls(cluster) -> list[str]:
-    """Ray's metrics export endpoint (`http://<node>:<metrics-export-port>/metrics`) of each alive node,
-    from the dashboard's node summary. The head is addressed as the dashboard is (e.g. 127.0.0.1)."""
-    from urllib.parse import urlparse
-
-    data = cluster._api("GET", "/nodes", params={"view": "summary"})
-    dashboard_host = urlparse(cluster.dashboard_url).hostname
-    urls = []
-    for node in (data.get("data") or {}).get("summary") or []:
-        raylet = node.get("raylet") or {}
-        port = raylet.get("metricsExportPort")
-        if raylet.get("state", "ALIVE") != "ALIVE" or not port:
-            continue
-        host = dashboard_host if raylet.get("isHeadNode") else raylet.get("nodeManagerAddress") or node.get("ip")
-        urls.append(f"http://{host}:{port}/metrics")
-    return urls
-
-
 def vllm_burst(app, n: int = 16, max_tokens: int = 32, input_tokens: int = 16, sample_s: float = 0.5) -> dict[str, Any]:
     """`AppHandle.burst` for a vLLM app: `n` concurrent completions, and vLLM's own batch as Ray exports it.
 
@@ -347,7 +329,7 @@ def vllm_burst(app, n: int = 16, max_tokens: int = 32, input_tokens: int = 16, s
     from llmserve_nb.bench import Workload, run_benchmark
 
     try:
-        urls = metrics_urls(app.cluster)
+        urls = app.cluster.metrics_urls()
         vllm_batch_metrics(urls, timeout_s=2.0)
         view = (f"ray_vllm_num_requests_running from {len(urls)} node(s), sampled every {sample_s:g} s; Ray "
                 "exports it every few seconds, so a short burst reads low" if urls else "no metrics endpoint found")

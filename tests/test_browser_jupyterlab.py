@@ -1,6 +1,7 @@
 """A real browser (Debian's Chromium via Playwright) drives JupyterLab: the tuner widgets render,
-a slider edit plus a click on Apply reconfigures the running Serve app, and the status line shows
-what Serve reports afterwards. Skips when /usr/bin/chromium or playwright is missing."""
+a slider edit plus a click on Apply reconfigures the running Serve app, the status line shows
+what Serve reports afterwards, and the live metrics chart redraws in place. Skips when
+/usr/bin/chromium or playwright is missing."""
 from __future__ import annotations
 
 import socket
@@ -35,7 +36,10 @@ def _tuner_notebook(path: Path) -> None:
     nb = nbformat.read(str(NOTEBOOKS / "02_tune_autoscaling.ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     tuner_at = next(i for i, c in enumerate(code) if c.source.startswith("tuner = ServeTuner"))
-    nb.cells = code[: tuner_at + 1]
+    nb.cells = code[: tuner_at + 1] + [nbformat.v4.new_code_cell(
+        "from llmserve_nb.monitor import LiveMonitor\n"
+        "monitor = LiveMonitor.for_app(app, interval_s=1.0, duration_s=180).start()"
+    )]
     nbformat.write(nb, str(path))
 
 
@@ -102,6 +106,16 @@ def test_tuner_widgets_apply_batching_in_a_real_browser(lab, tmp_path):
             apply.click()
             page.locator(".llmserve-status", has_text="max_batch_size=3,").wait_for(timeout=120_000)
             assert "applied" in status.inner_text()
+
+            # The live monitor in the last cell: one chart, redrawn in place (its image changes).
+            chart = page.locator(".jp-Cell").last.locator(".jp-OutputArea-output img").first
+            chart.wait_for(timeout=120_000)
+            first = chart.get_attribute("src")
+            page.wait_for_function(
+                "([sel, src]) => { const imgs = document.querySelectorAll(sel);"
+                " return imgs.length > 0 && imgs[imgs.length - 1].getAttribute('src') !== src; }",
+                arg=[".jp-Cell:last-child .jp-OutputArea-output img", first], timeout=60_000)
+            assert page.locator(".jp-Cell").last.locator(".jp-OutputArea-output img").count() == 1  # in place
         finally:
             page.screenshot(path=str(tmp_path / "jupyterlab-tuner.png"), full_page=True)
             browser.close()

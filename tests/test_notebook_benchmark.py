@@ -38,5 +38,7 @@ def test_benchmark_notebook_runs_and_reports(tmp_path):
         if r["label"] == "off":  # each ratio divides by the baseline config at the same level, not another level
             assert r["output_tok_per_s_ratio"] == pytest.approx(r["output_tok_per_s"] / base[r["concurrency"]]["output_tok_per_s"])
             assert r["e2e_ms_p50_ratio"] == pytest.approx(r["e2e_ms_p50"] / base[r["concurrency"]]["e2e_ms_p50"])
+    # The live view ran during the sweep: it redrew its chart and read the app's series.
+    assert results["monitor"]["updates"] > 1 and results["monitor"]["samples"] >= 1, results["monitor"]
     assert (tmp_path / "runs" / "03_benchmark" / "report.json").is_file()
     assert (tmp_path / "runs" / "03_benchmark" / "mixed" / "report.json").is_file()
