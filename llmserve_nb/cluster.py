@@ -311,16 +311,18 @@ class Cluster:
         self.deployed.add(name)
 
     def delete(self, app_name: str, timeout_s: float = 120.0) -> None:
-        """Remove one application; shuts Serve down when it was the last one."""
+        """Remove one application; the others, and Serve itself, keep running."""
         self._refuse_if_managed(f"delete {app_name!r}")
         details = self.serve_details()
         apps = details.get("applications") or {}
         if app_name in apps:
             rest = [a["deployed_app_config"] for n, a in apps.items() if n != app_name and a.get("deployed_app_config")]
-            if rest:
-                self._api("PUT", "/api/serve/applications/", json={"applications": rest})
-            else:
-                self._api("DELETE", "/api/serve/applications/")
+            # Even for the last app a PUT, never DELETE: DELETE shuts Serve down asynchronously and took
+            # the next app deployed seconds later down with it.
+            body: dict[str, Any] = {"applications": rest}
+            if details.get("http_options"):
+                body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
+            self._api("PUT", "/api/serve/applications/", json=body)
             deadline = time.monotonic() + timeout_s
             while app_name in (self.serve_details().get("applications") or {}):
                 if time.monotonic() > deadline:
@@ -685,7 +687,9 @@ def _start_local(num_cpus: int | None, dashboard_port: int | None, serve_port: i
     sport = serve_port or _free_port(SERVE_PORT)
     for attempt in range(3):
         # Between our probe and the dashboard's bind another process can take the port: retry elsewhere.
-        dport = dashboard_port or _free_port(DASHBOARD_PORT if attempt == 0 else 0)
+        # An ephemeral port unless one is asked for: a busy 8265 surfaces only after Ray's whole dashboard
+        # start-up timeout.
+        dport = dashboard_port or _free_port(0)
         try:
             ctx = ray.init(
                 # "local" always starts a fresh cluster; plain ray.init() would silently attach to

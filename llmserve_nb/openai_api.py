@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmserve_nb.engine.protocol import GenerationRequest, GenerationResult, RequestOutput
 
@@ -42,7 +43,7 @@ class _SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seeds this request's sampler (64-bit).")
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -145,7 +146,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 # Routes that stream when `stream: true`: the 200 answer is JSON or an SSE stream.
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # OpenAPI 3.1: an event-stream schema describes one event; each of ours is a `data:` line.
+    200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}},
           "description": "JSON, or with stream=true server-sent events ending in `data: [DONE]`."},
 }
 
@@ -173,6 +176,12 @@ def install_error_handling(api: FastAPI) -> None:
     @api.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=exc.body())
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # e.g. a body that cannot be parsed at all: Starlette's {"detail"} would break the error shape.
+        err = OpenAIError(exc.status_code, str(exc.detail), type_="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse(status_code=exc.status_code, content=err.body(), headers=getattr(exc, "headers", None))
 
     default_openapi = api.openapi
 

@@ -211,6 +211,9 @@ def _graceful(config: AppConfig) -> dict[str, float]:
     }
 
 
+_PINNED = {"min_replicas", "max_replicas", "initial_replicas"}  # how a fixed replica count is rendered
+
+
 def _serve_autoscaling(auto) -> dict[str, Any]:
     """Serve's `autoscaling_config` for the LLMServer: the project's own fields (policy and its targets) are
     not Serve's. Only Serve's default policy applies here: `policy='llm'` reads the transformers replica's
@@ -238,9 +241,12 @@ def llm_server_options(config: AppConfig) -> dict[str, Any]:
     if d.autoscaling is not None:
         opts["autoscaling_config"] = _serve_autoscaling(d.autoscaling)
     else:
-        # Ray's code sets an autoscaling_config (target 1e9); Serve refuses num_replicas next to one.
-        opts["num_replicas"] = d.num_replicas
-        opts["autoscaling_config"] = None
+        # A fixed count is rendered as autoscaling pinned to it, as the transformers app does (config.py):
+        # Serve 2.60 hashes "is there an autoscaling_config" into the code version, so switching from
+        # num_replicas to autoscaling (the tuner's checkbox) replaced the LLMServer replica (measured,
+        # tests/test_vllm_backend.py); pinned bounds change in place. It also replaces Ray's own (target 1e9).
+        n = d.num_replicas
+        opts["autoscaling_config"] = {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
     return opts
 
 
@@ -419,8 +425,11 @@ def config_of_vllm_application(app: dict[str, Any]) -> AppConfig:
                 "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"):
         if key in server:
             deployment[key] = server[key]
-    if server.get("autoscaling_config"):
-        deployment["autoscaling"] = server["autoscaling_config"]
+    auto = server.get("autoscaling_config") or {}
+    if set(auto) == _PINNED and len(set(auto.values())) == 1:
+        deployment["num_replicas"] = auto["min_replicas"]  # a fixed count, rendered pinned
+    elif auto:
+        deployment["autoscaling"] = auto
     elif "num_replicas" in server:
         deployment["num_replicas"] = server["num_replicas"]
     if "max_queued_requests" in ingress:

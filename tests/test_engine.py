@@ -202,3 +202,12 @@ def test_torch_threads_default_to_the_machine_outside_ray_and_honour_the_overrid
 
     assert cpu_threads(EngineConfig()) == len(os.sched_getaffinity(0))
     assert cpu_threads(EngineConfig(torch_threads=3)) == 3
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan(engine):
+    """Regression (found by schemathesis): temperature=4e-249 overflowed logits/temperature to inf, the
+    probabilities became NaN and the request failed with a 500."""
+    req = dict(messages=FRANCE, max_tokens=16)
+    (tiny,) = engine.generate([Req(temperature=4.271499502267022e-249, seed=3, **req)])
+    (greedy,) = engine.generate([Req(temperature=0.0, **req)])
+    assert tiny.text == greedy.text

@@ -16,8 +16,6 @@ import pytest
 from conftest import API_KEY
 from test_reliability import warm_cluster
 
-pytestmark = pytest.mark.ray
-
 EXAMPLES = 25  # per operation and generation mode
 
 
@@ -48,6 +46,7 @@ def fuzz_app(request):
     raise AssertionError(f"{app.base_url}/openapi.json does not answer")
 
 
+@pytest.mark.ray
 def test_fuzz_openapi_no_5xx_and_responses_match_the_document(fuzz_app):
     from llmserve_nb.reliability import fuzz_openapi
 
@@ -72,6 +71,7 @@ def _documented(app, method: str, path: str) -> set[str]:
     return set(doc["paths"][path][method.lower()]["responses"])
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/generate"])
 def test_a_body_that_is_not_an_object_is_a_documented_400(fuzz_app, path):
     for content in (b"[]", b"1", b'"text"', b"null"):
@@ -82,6 +82,7 @@ def test_a_body_that_is_not_an_object_is_a_documented_400(fuzz_app, path):
     assert "400" in _documented(fuzz_app, "POST", path)
 
 
+@pytest.mark.ray
 def test_an_out_of_range_seed_is_a_400_and_does_not_fail_its_batch_neighbours(fuzz_app):
     """Schema-valid input (`seed` is an unbounded integer in the document) that torch cannot take:
     `torch.Generator.manual_seed(2**64)` raises "Overflow when unpacking long long" in
@@ -101,3 +102,36 @@ def test_an_out_of_range_seed_is_a_400_and_does_not_fail_its_batch_neighbours(fu
     assert [r.status_code for r in good_rs] == [200, 200, 200], [r.text for r in good_rs]
     assert bad_r.status_code == 400, bad_r.text
     assert "seed" in bad_r.json()["error"]["message"]
+
+
+# These two reproduce the fuzzing findings without Ray, on the deployment's FastAPI app itself.
+def test_a_body_that_cannot_be_parsed_gets_the_documented_error_shape():
+    """Finding (negative mode, all three POST routes): bytes that are not JSON text, e.g.
+
+        curl -X POST $URL/v1/completions -H 'Content-Type: application/json' --data-binary $'\\xff\\xfe\\x00'
+
+    answer 400 `{"detail": "There was an error parsing the body"}` (Starlette's HTTPException, which
+    `install_error_handling` does not map), not the documented `ErrorResponse` `{"error": {...}}`."""
+    from fastapi.testclient import TestClient
+
+    from llmserve_nb.serve_app import api
+
+    client = TestClient(api)
+    for path in ("/v1/chat/completions", "/v1/completions", "/generate"):
+        r = client.post(path, content=b"\xff\xfe\x00", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json().get("error", {}).get("code") == 400, (path, r.text)
+
+
+def test_the_event_stream_is_documented_per_event():
+    """Finding (positive mode, stream=true): every SSE event "violates schema": before OpenAPI 3.2 a
+    text/event-stream `schema` describes one event (an object with `data`), and the document says
+    `{"type": "string"}`. Reproduce: any chat completion with `"stream": true`."""
+    from llmserve_nb.serve_app import api
+
+    doc = api.openapi()
+    assert doc["openapi"].startswith("3.1")
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        sse = doc["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+        schema = sse.get("itemSchema") or sse["schema"]
+        assert schema.get("type") == "object" and "data" in schema.get("properties", {}), (path, sse)

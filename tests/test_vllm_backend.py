@@ -102,7 +102,10 @@ def test_overrides_land_under_llmserver_model_id_and_replace_the_1e9_defaults():
     assert set(deps) == {"LLMServer:Qwen2_5-0_5B-Instruct", "OpenAiIngress"}  # Ray's naming: '.' -> '_'
     server, ingress = deps["LLMServer:Qwen2_5-0_5B-Instruct"], deps["OpenAiIngress"]
     assert server["max_ongoing_requests"] == 64 + 8  # engine.max_num_seqs + one admission batch
-    assert server["num_replicas"] == 1 and server["autoscaling_config"] is None  # Ray's target=1e9 config cleared
+    # Ray's target=1e9 config replaced: a fixed count renders as autoscaling pinned to it (switching to
+    # real autoscaling later is then an in-place update, not a new code version).
+    assert "num_replicas" not in server
+    assert server["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
     assert server["max_queued_requests"] == -1  # admission is the ingress's job (see vllm_app)
     assert server["health_check_timeout_s"] == 30.0 and server["graceful_shutdown_timeout_s"] == 60.0
     assert "ray_actor_options" not in server  # would replace the replica's runtime_env (VLLM_* variables)
@@ -400,15 +403,25 @@ class TestRayServeLLMOnCPU:
         assert t.max_batch_size.disabled and "not adjustable on a vLLM app" in t.batching_note.value
         before = t.replica_ids()
         assert len(before) == 1 and t.wait_for_replicas(1, timeout_s=30) == 1
-        t0 = time.monotonic()
         got = t.apply_batching(max_batch_size=4)  # declined: the tuner says why instead of failing
         assert got["batching"] is None and got["replica_kept"] and "continuously" in got["note"]
+        # Fixed count -> autoscaling (the checkbox): in place too, since a fixed count renders pinned autoscaling.
+        t0 = time.monotonic()
         t.set(autoscaling=True, replicas=(1, 1), target_ongoing_requests=3.0)
         t.apply()
-        assert time.monotonic() - t0 < 90, "autoscaling changes should update in place"
-        assert t.replica_ids() == before and "applied" in t.status.value
+        assert time.monotonic() - t0 < 90, "switching to autoscaling should update in place"
+        assert "applied" in t.status.value and t.replica_ids() == before
         auto = app.status()["deployed_app_config"]["deployments"][0]["autoscaling_config"]
         assert auto["target_ongoing_requests"] == 3.0 and auto["max_replicas"] == 1
+        # Autoscaling -> autoscaling (what notebook 02's sliders change): in place, the replica stays.
+        before = t.replica_ids()
+        t0 = time.monotonic()
+        t.set(target_ongoing_requests=5.0, replicas=(1, 2))
+        t.apply()
+        assert time.monotonic() - t0 < 90, "an autoscaling change should update in place"
+        assert t.replica_ids() == before
+        auto = app.status()["deployed_app_config"]["deployments"][0]["autoscaling_config"]
+        assert auto["target_ongoing_requests"] == 5.0 and auto["max_replicas"] == 2
 
 
 @pytest.mark.vllm

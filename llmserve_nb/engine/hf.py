@@ -16,6 +16,10 @@ __all__ = ["HFEngine", "Row", "DecodeBatch"]
 
 log = logging.getLogger(__name__)
 
+# Sampling at a temperature this low is greedy decoding: dividing logits by it overflows to inf (a
+# fuzzer's temperature=4e-249 once turned into NaN probabilities and a 500).
+GREEDY_BELOW = 1e-4
+
 
 @dataclass
 class Row:
@@ -262,7 +266,7 @@ class HFEngine:
     def generator(self, req: GenerationRequest):
         import torch
 
-        if req.temperature == 0 or req.seed is None:
+        if req.temperature < GREEDY_BELOW or req.seed is None:
             return None
         g = torch.Generator(device=self.device)
         g.manual_seed(req.seed)
@@ -275,11 +279,11 @@ class HFEngine:
 
         greedy = logits.argmax(-1)
         errors: dict[int, Exception] = {}
-        if all(r.temperature == 0 for r in reqs):
+        if all(r.temperature < GREEDY_BELOW for r in reqs):
             return greedy, errors
         out = greedy.clone()
         for j, r in enumerate(reqs):
-            if r.temperature == 0:
+            if r.temperature < GREEDY_BELOW:
                 continue
             try:
                 probs = torch.softmax(logits[j] / r.temperature, dim=-1)

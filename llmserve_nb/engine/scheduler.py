@@ -210,11 +210,14 @@ class TransformersEngine:
     def submit(self, prepared: Sequence[PreparedRequest]) -> list[RequestStream]:
         self.check_health()
         streams = [RequestStream(p.request_id) for p in prepared]
-        rows = [
-            Row(self.model.new_output(p.request, len(p.prompt_ids)), p.prompt_ids, self.model.generator(p.request),
-                emit=s.push_text, finish=s.finish, fail=s.fail, request_id=p.request_id)
-            for p, s in zip(prepared, streams)
-        ]
+        rows = []
+        for p, s in zip(prepared, streams):
+            try:  # a request that cannot be set up fails alone, not its admission group
+                rows.append(Row(self.model.new_output(p.request, len(p.prompt_ids)), p.prompt_ids,
+                                self.model.generator(p.request), emit=s.push_text, finish=s.finish, fail=s.fail,
+                                request_id=p.request_id))
+            except Exception as e:
+                s.fail(e)
         self.batcher.submit(rows)
         return streams
 
