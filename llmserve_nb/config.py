@@ -167,6 +167,14 @@ class DeploymentConfig(_Strict):
     )
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    max_surge_percent: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Extra replicas a restarting update may start before it stops old ones (Serve's "
+        "max_surge_percent). None = Serve's default 0: old replicas stop first, so with few replicas none may "
+        "run for a while (requests wait in the proxy). Needs spare capacity (or an autoscaler that adds a node).",
+    )
     graceful_shutdown_wait_loop_s: float = Field(
         2.0, gt=0, description="How often a stopping replica checks whether its requests have drained."
     )
@@ -262,6 +270,8 @@ class AppConfig(_Strict):
             "graceful_shutdown_wait_loop_s": d.graceful_shutdown_wait_loop_s,
             "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         }
+        if d.max_surge_percent is not None:
+            opts["max_surge_percent"] = d.max_surge_percent
         if d.autoscaling is not None:
             opts["autoscaling_config"] = d.autoscaling.serve_autoscaling_config()
         else:
@@ -413,6 +423,7 @@ _DEPLOYMENT_ENTRY_FIELDS = (
     "health_check_timeout_s",
     "graceful_shutdown_wait_loop_s",
     "graceful_shutdown_timeout_s",
+    "max_surge_percent",
 )
 
 

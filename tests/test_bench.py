@@ -392,7 +392,8 @@ def test_open_loop_follows_the_seeded_poisson_schedule(fake):
         expected.append(t)
     starts = [rr.start_s for rr in r.results]
     assert len(starts) == n and r.summary()["completed"] == n
-    assert all(abs(a - b) < 0.1 for a, b in zip(starts, expected)), list(zip(starts, expected))
+    # Never early; late only by event-loop delay (generous: a loaded CI machine delays, never reorders).
+    assert all(-0.02 < a - b < 0.5 for a, b in zip(starts, expected)), list(zip(starts, expected))
     observed_rate = (n - 1) / (starts[-1] - starts[0])
     assert rate / 2.5 < observed_rate < rate * 2.5
 

@@ -16,6 +16,9 @@ def _gpu_profile(num_gpus: float, batch: int, wait_s: float, replicas: int | Non
         else DeploymentConfig(
             num_gpus=num_gpus,
             autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=batch),
+            # A model change starts its new replica before the old one stops (the in-tree autoscaler adds
+            # the GPU node it needs), so an update never leaves the app with no replica serving.
+            max_surge_percent=25,
         )
     )
     # device="cuda" so a replica placed without a GPU fails loudly instead of crawling on CPU.
