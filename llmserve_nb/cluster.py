@@ -389,10 +389,22 @@ class AppHandle:
         self.name = config.name
         self.model = config.engine.model_name
         self.base_url = cluster.serve_url + config.route_prefix.rstrip("/")
-        self.api_key = api_key or os.environ.get("LLMSERVE_NB_API_KEY") or None
         self.request_timeout_s = request_timeout_s
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers)
+        self._http = httpx.Client(base_url=self.base_url)
+        self.api_key = api_key or os.environ.get("LLMSERVE_NB_API_KEY") or None
+
+    @property
+    def api_key(self) -> str | None:
+        return self._api_key
+
+    @api_key.setter
+    def api_key(self, key: str | None) -> None:
+        """Set (or rotate) the key every call sends as `Authorization: Bearer <key>`."""
+        self._api_key = key or None
+        if self._api_key:
+            self._http.headers["Authorization"] = f"Bearer {self._api_key}"
+        else:
+            self._http.headers.pop("Authorization", None)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -33,16 +33,17 @@ def app(cluster):
     """The app under test, with an API key so the auth path is exercised on every request."""
     from llmserve_nb import AppConfig
 
-    os.environ["LLMSERVE_NB_API_KEY"] = API_KEY  # read by AppHandle, so the handle sends it
+    # The key goes to the replica through the app's runtime_env and to the handle directly; never into
+    # os.environ, which Ray heads and notebook kernels started later by other tests would inherit.
     config = AppConfig(
         name="test-llm",
         route_prefix="/",
         runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": API_KEY}},
     ).with_overrides(**{"batching.max_batch_size": 8, "batching.batch_wait_timeout_s": 0.1})
     handle = cluster.deploy(config, progress=None)
+    handle.api_key = API_KEY
     yield handle
     handle.shutdown()
-    os.environ.pop("LLMSERVE_NB_API_KEY", None)
 
 
 @pytest.fixture(scope="session")

@@ -211,3 +211,9 @@ def test_a_vanishing_temperature_is_greedy_not_nan(engine):
     (tiny,) = engine.generate([Req(temperature=4.271499502267022e-249, seed=3, **req)])
     (greedy,) = engine.generate([Req(temperature=0.0, **req)])
     assert tiny.text == greedy.text
+
+
+def test_a_vanishing_top_p_keeps_the_top_token(engine):
+    """Regression (schemathesis): top_p=5e-324 is 0 in float32, every token was cut and sampling raised."""
+    (r,) = engine.generate([Req(prompt="^\U000d4c12", max_tokens=4, temperature=1.0, top_p=5e-324, seed=1)])
+    assert r.completion_tokens >= 1

@@ -190,12 +190,10 @@ def test_router_resends_a_request_no_version_received(failure):
 
 # ---- a real rollout under load ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def rollout_cluster():
-    from llmserve_nb import connect
-
-    c = connect()
-    yield c
-    c.shutdown()
+def rollout_cluster(cluster):
+    # The session's cluster: connect() in this process returns the same embedded Ray, so shutting a
+    # second handle down would stop it under every later test.
+    return cluster
 
 
 def _versions():

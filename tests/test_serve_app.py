@@ -132,6 +132,7 @@ def test_cluster_tables(cluster, app):
 
 def test_attach_to_a_running_app_by_name(cluster, app):
     attached = cluster.app(app.name)
+    attached.api_key = API_KEY
     assert attached.config.build_args() == app.config.build_args()
     assert attached.config.batching == app.config.batching
     assert "Paris" in attached.chat("What is the capital of France?", max_tokens=24)

@@ -291,6 +291,7 @@ class HFEngine:
                     sorted_p, order = probs.sort(descending=True)
                     # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
                     cut = (sorted_p.cumsum(-1) - sorted_p) >= r.top_p
+                    cut[0] = False  # a top_p that rounds to 0 in float32 (fuzzer: 5e-324) still keeps one
                     sorted_p[cut] = 0
                     probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
                 out[j] = torch.multinomial(probs, 1, generator=generators[j])[0]
