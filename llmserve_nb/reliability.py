@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import httpx
 
 from llmserve_nb.config import DEPLOYMENT_NAME
+from llmserve_nb.bench.metrics import _percentile  # the load generator's percentile, one implementation
+from llmserve_nb.bench.runner import _run_sync
 
 if TYPE_CHECKING:
     from llmserve_nb.bench import BenchRun, Workload
@@ -58,29 +60,6 @@ INJECTED_FAULT = "engine loop killed by llmserve_nb.reliability.kill_engine_loop
 
 
 # ---- HTTP probes ---------------------------------------------------------------------------------
-def _run_sync(coro: Any) -> Any:
-    """asyncio.run, also from a Jupyter cell (whose event loop already runs in this thread)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default, as `llmserve_nb.bench` uses)."""
-    if not values:
-        return math.nan
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
