@@ -261,6 +261,7 @@ class HFEngine:
         a.pos = torch.cat([a.pos, b.pos])
         a.next_ids = torch.cat([a.next_ids, b.next_ids])
         a.rows = a.rows + b.rows
+        self.trim(a)  # finishes trim in drop(); a merge is the only other way the width changes
         return a
 
     def generator(self, req: GenerationRequest):

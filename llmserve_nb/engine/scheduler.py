@@ -151,7 +151,6 @@ class ContinuousBatcher:
                 if new.rows:
                     batch = new if batch is None or not batch.rows else self.engine.merge(batch, new)
             if batch is not None and batch.rows:
-                self.engine.trim(batch)
                 self.running_max = max(self.running_max, len(batch.rows))
                 self.width_max = max(self.width_max, batch.width + 1)  # the step adds a column
                 try:
