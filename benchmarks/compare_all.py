@@ -68,8 +68,17 @@ DTYPE_PROMPTS = (
 )
 
 
-def vllm_label(dtype: str) -> str:
-    return f"vLLM-CPU {dtype}"
+def vllm_label(dtype: str, version: str = "") -> str:
+    return f"vLLM-CPU {version + ' ' if version else ''}{dtype}"
+
+
+def vllm_version(venv: Path) -> str:
+    """The vllm-cpu release a venv holds, from its dist-info (without importing it)."""
+    for info in sorted(venv.glob("lib/python*/site-packages/vllm*.dist-info")):
+        name, _, version = info.name[:-len(".dist-info")].rpartition("-")
+        if name.replace("_", "-") in ("vllm", "vllm-cpu"):
+            return version
+    return "?"
 
 
 def main(argv=None) -> int:
@@ -84,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-dir", type=Path, default=Path("/tmp/llmserve-baseline"))
     p.add_argument("--vllm-venv", type=Path, help="a venv where `import vllm` works: adds bare vLLM-CPU")
     p.add_argument("--vllm-dtypes", default="float32", help="comma list from float32,bfloat16")
+    p.add_argument("--vllm-also", type=Path, action="append", default=[],
+                   help="another vLLM venv (e.g. the latest release, `benchmarks/vllm_peer.py install`): its bare "
+                        "server in float32 too, labelled with its version; repeatable")
     p.add_argument("--ray-serve-llm", action="store_true",
                    help="also AppConfig(engine=EngineConfig(backend='vllm')) through Ray Serve LLM")
     p.add_argument("--ray-serve-llm-address",
@@ -143,20 +155,25 @@ def main(argv=None) -> int:
     if args.baseline:
         step(BASELINE, lambda: serve_app(BASELINE, served, overrides, notes,
                                          code_dir=baseline_worktree(args.baseline_dir, args.baseline_commit)))
-    if args.vllm_venv:
+    vllm_labels: list[str] = []
+    if args.vllm_venv or args.vllm_also:
         from vllm_peer import vllm_server
 
-        for dtype in args.vllm_dtypes.split(","):
-            def bare(dtype=dtype):
-                port = free_port()
-                with vllm_server(dtype, port, venv=args.vllm_venv) as url:
-                    served(vllm_label(dtype), url, None)
+        runs = [(args.vllm_venv, d, "") for d in args.vllm_dtypes.split(",") if args.vllm_venv]
+        runs += [(venv, "float32", vllm_version(venv)) for venv in args.vllm_also]
+        for venv, dtype, version in runs:
+            label = vllm_label(dtype, version)
+            vllm_labels.append(label)
 
-            step(vllm_label(dtype), bare)
+            def bare(venv=venv, dtype=dtype, label=label):
+                with vllm_server(dtype, free_port(), venv=venv) as url:
+                    served(label, url, None)
+
+            step(label, bare)
     if args.ray_serve_llm:
         step(RSLLM, lambda: ray_serve_llm(served, args, notes))
 
-    text = render(rows, dtype_rows, levels, names, args, cpu, notes, (time.monotonic() - t_start) / 60)
+    text = render(rows, dtype_rows, levels, names, args, cpu, notes, (time.monotonic() - t_start) / 60, vllm_labels)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0
@@ -277,7 +294,7 @@ def _get(rows, label, workload, c, metric) -> float:
     return math.nan
 
 
-def headline(rows, levels, names, vllm_dtypes) -> pd.DataFrame:
+def headline(rows, levels, names, vllm_labels) -> pd.DataFrame:
     """The ratios the comparison exists for, each read off two rows of the main table (when both exist)."""
     top = max(levels)
     specs = []
@@ -294,9 +311,9 @@ def headline(rows, levels, names, vllm_dtypes) -> pd.DataFrame:
     if "fixed" in names:
         specs.append((f"new ÷ baseline, tok/s (fixed, c={top})", NEW, BASELINE, "fixed", top, "output_tok_per_s",
                       "> 1: the new code delivers more"))
-    for dtype in vllm_dtypes:
+    for label in vllm_labels:
         for name in names:
-            specs.append((f"serve app ÷ {vllm_label(dtype)}, tok/s ({name}, c={top})", NEW, vllm_label(dtype), name,
+            specs.append((f"serve app ÷ {label}, tok/s ({name}, c={top})", NEW, label, name,
                           top, "output_tok_per_s", "share of bare vLLM's throughput"))
     for name in names:
         specs.append((f"serve app ÷ Ray Serve LLM, tok/s ({name}, c={top})", NEW, RSLLM, name, top,
@@ -311,7 +328,7 @@ def headline(rows, levels, names, vllm_dtypes) -> pd.DataFrame:
     return pd.DataFrame(table, columns=["ratio", "value", "numerator", "denominator", "reading"])
 
 
-def render(rows, dtype_rows, levels, names, args, cpu, notes, minutes) -> str:
+def render(rows, dtype_rows, levels, names, args, cpu, notes, minutes, vllm_labels) -> str:
     parts = [
         f"SmolLM2-135M-Instruct, {args.input_tokens}-token prompts. Workloads: "
         + ", ".join({"fixed": f"fixed = {args.max_tokens} tokens (ignore_eos), max({args.min_requests}, c) "
@@ -329,7 +346,7 @@ def render(rows, dtype_rows, levels, names, args, cpu, notes, minutes) -> str:
                 df[col] = math.nan
         df = df[list(_MAIN_COLUMNS)].rename(columns=_MAIN_COLUMNS)
         parts += ["## All runs", bench.to_markdown(df, digits=1)]
-        ratios = headline(rows, levels, names, [d for d in args.vllm_dtypes.split(",") if args.vllm_venv])
+        ratios = headline(rows, levels, names, vllm_labels)
         if len(ratios):
             parts += ["## Ratios (same run, side by side)", bench.to_markdown(ratios, digits=2)]
     if dtype_rows:

@@ -93,7 +93,17 @@ CANDIDATES: dict[str, tuple[dict[str, Any], Callable[[dict], None] | None, str]]
     "engine1core": ({"engine.torch_threads": 1}, None, "engine binds core 0 only: core 1 left to proxy+ingress"),
     "bind": ({}, _bind, "VLLM_CPU_OMP_THREADS_BIND=0-<threads-1>: OMP threads pinned, as the bare server runs"),
     "quiet+stream100": ({}, _both(_quiet, _stream_batching(100)), "quiet and stream100"),
+    "throughput": ({}, None, "Ray head started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between replicas, user "
+                   "code and router on the replica's main loop, no log to stderr, GC frozen after start)"),
+    "haproxy": ({}, None, "throughput + RAY_SERVE_ENABLE_HA_PROXY=1: Debian's haproxy replaces Serve's Python "
+                "proxy and forwards to the ingress replica's own port (Ray's KubeRay high-throughput mode)"),
+    "haproxy+quiet": ({}, _quiet, "haproxy and quiet"),
 }
+# Settings that live in the Ray head's environment (read by Serve's controller and proxies at start):
+# each such candidate gets a Ray head of its own.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY_ENV = {**THROUGHPUT_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
+HEAD_ENV: dict[str, dict[str, str]] = {"throughput": THROUGHPUT_ENV, "haproxy": HAPROXY_ENV, "haproxy+quiet": HAPROXY_ENV}
 __doc__ += "".join(f"\n- `{k}`: {v[2]}" for k, v in CANDIDATES.items())
 
 
@@ -235,12 +245,12 @@ def main(argv=None) -> int:
 
     from llmserve_nb.cluster import connect
 
-    def ray_candidates():
-        with ray_head("serve-llm-settings", ray_bin=args.venv / "bin" / "ray", num_cpus=2,
-                      env_extra={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as head:
+    def ray_candidates(group: list[str], head_env: dict[str, str]):
+        env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **head_env}
+        with ray_head("serve-llm-settings", ray_bin=args.venv / "bin" / "ray", num_cpus=2, env_extra=env) as head:
             cluster = connect(address=head.dashboard_url, serve_url=head.serve_url, token=head.token)
             for dtype in dtypes:
-                for name in (names if dtype == dtypes[0] else other):
+                for name in (group if dtype == dtypes[0] else [n for n in other if n in group]):
                     overrides, change, _ = CANDIDATES[name]
                     label = f"ours {name} {dtype}"
 
@@ -259,7 +269,11 @@ def main(argv=None) -> int:
             cluster.shutdown()
         return []
 
-    step("ray head", ray_candidates)
+    groups: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names + other):
+        groups.setdefault(json.dumps(HEAD_ENV.get(name, {}), sort_keys=True), []).append(name)
+    for env_key, group in groups.items():
+        step(f"ray head {env_key}", lambda group=group, env_key=env_key: ray_candidates(group, json.loads(env_key)))
     if not args.no_bare_again:
         step("bare float32 again", bare("float32", "bare float32"))
     text = report(rows, dtypes, names, notes, (time.monotonic() - t0) / 60)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESSURE_METRIC", "llm_policy"]
+__all__ = ["PRESSURE_METRIC", "llm_policy", "policy_comparison", "scale_up_run"]
 
 PRESSURE_METRIC = "llm_pressure"
 
@@ -82,3 +82,21 @@ def scale_up_run(cluster, config, *, concurrency: int = 24, seconds: float = 60.
         "errors": summary.get("errors"),
         "timeline": timeline,
     }
+
+
+POLICY_COLUMNS = ("scale_up_s", "ttft_ms_p50", "ttft_ms_p99", "output_tok_per_s", "completed", "errors")
+
+
+def policy_comparison(runs: dict[str, dict[str, Any]]):
+    """One row per policy from load-run summaries on the same load (`ServeTuner.last_load`, or
+    `scale_up_run`'s report, whose `second_replica_running_s` is the scale-up time): seconds until a
+    replica was added, TTFT percentiles, useful tokens/s and the request outcome."""
+    import pandas as pd
+
+    rows = []
+    for policy, run in runs.items():
+        row = {"policy": policy, **{k: run.get(k) for k in POLICY_COLUMNS}}
+        if row["scale_up_s"] is None:
+            row["scale_up_s"] = run.get("second_replica_running_s")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("policy")

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKPRESSURE_STATUSES",
     "LoadTimeline",
+    "backpressure_check",
     "burst",
     "failure_summary",
     "fuzz_openapi",
@@ -51,6 +52,7 @@ __all__ = [
     "probe",
     "replicas",
     "run_load",
+    "small_queue_config",
     "wait_replaced",
 ]
 
@@ -140,6 +142,53 @@ def burst(base_url: str, n: int = 20, *, api_key: str | None = None, max_tokens:
         "refusal_example": refused[0]["error"][:200] if refused else "",
         "rows": rows,
     }
+
+
+def backpressure_check(base_url: str, n: int = 20, *, slots: int, api_key: str | None = None,
+                       max_tokens: int = 16, settle_s: float = 3.0) -> dict[str, Any]:
+    """A burst of `n` against the app, then one wave of what it runs at once (`slots` = replicas x
+    max_ongoing_requests, at most what the burst got accepted) alone, as the yardstick: the accepted
+    requests of the burst should take no longer than the `waves` they need (the queued ones wait for a
+    running one to end) times that wave. Returns {"burst", "alone", "waves", "table"}."""
+    import pandas as pd
+
+    over = burst(base_url, n, api_key=api_key, max_tokens=max_tokens)
+    # Serve's router caches the replicas' queue lengths for a moment, so right after a burst it may
+    # refuse again: let it settle.
+    time.sleep(settle_s)
+    alone = burst(base_url, max(1, min(over["accepted"], slots)), api_key=api_key, max_tokens=max_tokens)
+    columns = ["requests", "accepted", "refused", "refused_statuses", "refused_with_retry_after", "retry_after",
+               "refused_max_s", "accepted_p50_s", "accepted_p99_s"]
+    table = pd.DataFrame([{**{k: r[k] for k in columns}, "run": name}
+                          for name, r in (("burst", over), ("one wave alone", alone))]).set_index("run")
+    return {"burst": over, "alone": alone, "waves": math.ceil(over["accepted"] / slots), "table": table}
+
+
+def small_queue_config(name: str = "reliability", *, api_key: str | None = None, num_cpus: float = 1.0,
+                       torch_threads: int | None = None):
+    """The app the reliability experiments overload: two replicas that each run 2 requests and queue 2
+    more in Serve (a burst of 20 overflows it), answering overload with 503 + Retry-After 3, health
+    checked every 2 s, draining for up to 30 s on shutdown. `api_key` is enforced by the replicas."""
+    from llmserve_nb.config import AppConfig
+
+    runtime_env = {"env_vars": {"LLMSERVE_NB_API_KEY": api_key}} if api_key else {}
+    overrides: dict[str, Any] = {
+        "engine.max_num_seqs": 8,
+        "batching.max_batch_size": 2,
+        "batching.batch_wait_timeout_s": 0.02,
+        "deployment.num_replicas": 2,
+        "deployment.num_cpus": num_cpus,
+        "deployment.max_ongoing_requests": 2,
+        "deployment.max_queued_requests": 2,
+        "deployment.retry_after_s": 3,
+        "deployment.health_check_period_s": 2.0,
+        "deployment.health_check_timeout_s": 20.0,
+        "deployment.graceful_shutdown_wait_loop_s": 0.5,
+        "deployment.graceful_shutdown_timeout_s": 30.0,
+    }
+    if torch_threads is not None:
+        overrides["engine.torch_threads"] = torch_threads
+    return AppConfig(name=name, route_prefix=f"/{name}", runtime_env=runtime_env).with_overrides(**overrides)
 
 
 # ---- replicas --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Live tuning of a deployed app from a notebook: batching and Serve autoscaling, with ipywidgets.
 
 `ServeTuner(app)` shows sliders for the knobs Serve can change without restarting replicas
-(`user_config` batching, autoscaling bounds and target), an Apply button, a load button that drives
+(`user_config` batching, autoscaling bounds, the policy's target), an Apply button, a load button that drives
 traffic in the background (`llmserve_nb.bench`'s closed loop), a status line plus a replica-count history
 refreshed while load runs, and a load line that says how the load went, errors included. Everything the
 buttons do is also a method (`set`, `apply`, `apply_batching`, `run_load`), so papermill runs the same code
@@ -12,6 +12,12 @@ continuously inside the engine (up to `engine.max_num_seqs`, which is an engine 
 the model), and there is no `/stats` batch histogram. For such an app the batching sliders are disabled
 with a note saying so, `set()` of a batching knob is ignored with the same note, and the autoscaling
 controls and the replica history work on its `LLMServer:<model_id>` deployment.
+
+Autoscaling has two policies (`AutoscalingConfig.policy`): Serve's default keeps `target_ongoing_requests`
+per replica; "llm" (`llmserve_nb.autoscaling`) keeps requests waiting and p90 time to first token at their
+targets. The targets of either change in place; switching the policy itself restarts the replicas (Serve
+hashes the policy into the code version), which the status line says before Apply. vLLM apps have Serve's
+default policy only.
 """
 from __future__ import annotations
 
@@ -73,6 +79,12 @@ class ServeTuner:
                                          description="min / max replicas", style=style, layout=layout)
         self.target_ongoing_requests = W.FloatSlider(value=auto.target_ongoing_requests, min=0.5, max=64, step=0.5,
                                                      description="target_ongoing_requests", style=style, layout=layout)
+        self.policy = W.Dropdown(options=["ongoing_requests", "llm"] if self.live_batching else ["ongoing_requests"],
+                                 value=auto.policy, description="policy", style=style, layout=layout)
+        self.target_ttft_s = W.FloatSlider(value=auto.target_ttft_s, min=0.1, max=30, step=0.1,
+                                           description="target_ttft_s (llm)", style=style, layout=layout)
+        self.target_waiting_requests = W.FloatSlider(value=auto.target_waiting_requests, min=0.5, max=64, step=0.5,
+                                                     description="target_waiting (llm)", style=style, layout=layout)
         self.apply_button = W.Button(description="Apply", button_style="primary", icon="check")
         self.load_concurrency = W.IntSlider(value=8, min=1, max=64, description="load: concurrent users", style=style,
                                             layout=layout)
@@ -88,12 +100,14 @@ class ServeTuner:
         self.max_batch_size.disabled = self.batch_wait_timeout_s.disabled = not self.live_batching
         self.notes: list[str] = []  # what the tuner declined to do, and why (headless runs read it)
         self.history: list[tuple[float, int, int]] = []
-        self.last_load: dict[str, Any] | None = None  # summary of the last load run (llmserve_nb.bench's)
+        # The last load run: llmserve_nb.bench's summary plus the policy it ran under and `scale_up_s`.
+        self.last_load: dict[str, Any] | None = None
         self._t0 = time.monotonic()
         self._load_thread: threading.Thread | None = None
         self.apply_button.on_click(lambda _: self._guarded(self.apply))
         self.load_button.on_click(lambda _: self._guarded(self.run_load))
         self.autoscaling.observe(lambda _: self._sync_enabled(), names="value")
+        self.policy.observe(lambda _: self._sync_enabled(), names="value")
         self._sync_enabled()
         self.refresh()
 
@@ -122,7 +136,8 @@ class ServeTuner:
             base = self.app.config.deployment.autoscaling or AutoscalingConfig(min_replicas=lo, max_replicas=max(hi, 1))
             changes["deployment.autoscaling"] = base.model_copy(update={
                 "min_replicas": lo, "max_replicas": max(hi, 1), "initial_replicas": None,
-                "target_ongoing_requests": self.target_ongoing_requests.value,
+                "target_ongoing_requests": self.target_ongoing_requests.value, "policy": self.policy.value,
+                "target_ttft_s": self.target_ttft_s.value, "target_waiting_requests": self.target_waiting_requests.value,
             }).model_dump()
         else:
             changes["deployment.autoscaling"] = None
@@ -165,8 +180,11 @@ class ServeTuner:
     # ---- load and status -----------------------------------------------------------------
     def run_load(self, concurrency: int | None = None, seconds: float | None = None, wait: bool = False,
                  max_tokens: int = 32) -> None:
-        """Closed-loop load (`llmserve_nb.bench`) for `seconds` in a background thread, sampling replicas
-        once a second; the load line shows its outcome and errors."""
+        """Closed-loop streaming load (`llmserve_nb.bench`) for `seconds` in a background thread, sampling
+        replicas once a second; the load line shows its outcome and errors. `last_load` gets the summary
+        (TTFT percentiles included), the autoscaling policy in force and `scale_up_s`: seconds from the
+        start of the load to the first sample with more replicas running than at its start (None: no
+        scale-up)."""
         if self._load_thread is not None and self._load_thread.is_alive():
             raise RuntimeError("load is already running")
         concurrency = concurrency or self.load_concurrency.value
@@ -206,9 +224,10 @@ class ServeTuner:
         from llmserve_nb.bench import Workload, run_benchmark
 
         # Bounded by count as well as duration: more requests than the users could finish in `seconds`.
+        # Streamed, so the run measures time to first token, what the llm policy scales on.
         workload = Workload(num_requests=max(concurrency, int(concurrency * seconds * 10)), input_tokens=16,
                             output_tokens=max_tokens, duration_s=seconds, timeout_s=self.app.request_timeout_s,
-                            stream=False)
+                            stream=True)
         outcome: dict[str, Any] = {}
 
         def run() -> None:
@@ -220,6 +239,7 @@ class ServeTuner:
                 outcome["error"] = e
 
         driver = threading.Thread(target=run, daemon=True, name="tuner-load")
+        first = len(self.history)
         driver.start()
         sampling_failed = False
         while True:
@@ -236,7 +256,9 @@ class ServeTuner:
             driver.join(1.0)
         if "error" in outcome:
             raise outcome["error"]
-        return outcome["run"].summary()
+        auto = self.app.config.deployment.autoscaling
+        return {**outcome["run"].summary(), "policy": auto.policy if auto else None,
+                "scale_up_s": _scale_up_s(self.history[first:])}
 
     def _sample(self, ongoing: int) -> int:
         st = self.app.status()
@@ -281,8 +303,16 @@ class ServeTuner:
             self._show(f"<span style='color:#b00'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
 
     def _sync_enabled(self) -> None:
-        self.target_ongoing_requests.disabled = not self.autoscaling.value
-        self.replicas.description = "min / max replicas" if self.autoscaling.value else "replicas (max used)"
+        on = self.autoscaling.value
+        llm = self.policy.value == "llm"
+        self.policy.disabled = not on
+        self.target_ongoing_requests.disabled = not on or llm
+        self.target_ttft_s.disabled = self.target_waiting_requests.disabled = not on or not llm
+        self.replicas.description = "min / max replicas" if on else "replicas (max used)"
+        current = self.app.config.deployment.autoscaling
+        if on and current is not None and current.policy != self.policy.value:
+            self._show(f"<i>policy {html.escape(current.policy)} → {html.escape(self.policy.value)}: Apply restarts "
+                       "the replicas (Serve hashes the policy into the code version); targets change in place</i>")
 
     # ---- display -------------------------------------------------------------------------
     def plot_history(self, ax=None):
@@ -306,7 +336,8 @@ class ServeTuner:
         return W.VBox([
             W.HTML("<b>Batching</b> (Serve user_config: replicas keep running)"),
             self.max_batch_size, self.batch_wait_timeout_s, self.batching_note,
-            W.HTML("<b>Replicas</b>"), self.autoscaling, self.replicas, self.target_ongoing_requests,
+            W.HTML("<b>Replicas</b>"), self.autoscaling, self.replicas, self.policy, self.target_ongoing_requests,
+            self.target_ttft_s, self.target_waiting_requests,
             self.apply_button,
             W.HTML("<b>Load</b>"), self.load_concurrency, self.load_seconds, self.load_button, self.load_status,
             self.status,
@@ -318,10 +349,20 @@ class ServeTuner:
         display(self.widget)
 
 
+def _scale_up_s(samples: list[tuple[float, int, int]]) -> float | None:
+    """Seconds from the first sample to the first one with more running replicas, or None."""
+    if not samples:
+        return None
+    t0, start = samples[0][0], samples[0][1]
+    return next((round(t - t0, 1) for t, running, _ in samples if running > start), None)
+
+
 def _summary(cfg) -> str:
     d = cfg.deployment
-    reps = (f"autoscaling {d.autoscaling.min_replicas}-{d.autoscaling.max_replicas} "
-            f"@ {d.autoscaling.target_ongoing_requests:g}" if d.autoscaling else f"{d.num_replicas} replicas")
+    a = d.autoscaling
+    target = (f"llm policy @ ttft {a.target_ttft_s:g}s / waiting {a.target_waiting_requests:g}" if a and a.policy == "llm"
+              else f"@ {a.target_ongoing_requests:g}" if a else "")
+    reps = f"autoscaling {a.min_replicas}-{a.max_replicas} {target}" if a else f"{d.num_replicas} replicas"
     if cfg.engine.backend == "vllm":
         return f"vLLM engine batching, {reps}"
     return f"batch {cfg.batching.max_batch_size} / {cfg.batching.batch_wait_timeout_s:g}s, {reps}"

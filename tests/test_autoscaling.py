@@ -1,4 +1,5 @@
-"""LLM-aware autoscaling: the policy's arithmetic, its rendering, and a real scale-up on TTFT pressure."""
+"""LLM-aware autoscaling: the policy's arithmetic, its rendering and the comparison table. The real
+scale-up on TTFT pressure is run by notebook 02 (tests/test_notebook_tune.py)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -45,17 +46,14 @@ def test_policy_renders_as_a_serve_policy_and_targets_as_user_config():
     assert tuned.to_application()["deployments"][0]["autoscaling_config"] == dep["autoscaling_config"]
 
 
-@pytest.mark.ray
-def test_the_llm_policy_scales_up_on_ttft_pressure(cluster):
-    """A TTFT target no replica can meet on 2 cores: the policy must ask for the second replica."""
-    from llmserve_nb.autoscaling import scale_up_run
+def test_policy_comparison_reads_tuner_and_benchmark_runs_alike():
+    from llmserve_nb.autoscaling import policy_comparison
 
-    cfg = AppConfig(name="autoscale-llm", route_prefix="/autoscale-llm").with_overrides(**{
-        "deployment.num_cpus": 1,
-        "deployment.autoscaling": {"policy": "llm", "target_ttft_s": 0.05, "min_replicas": 1, "max_replicas": 2,
-                                   "upscale_delay_s": 1, "downscale_delay_s": 600, "look_back_period_s": 11},
-    })
-    report = scale_up_run(cluster, cfg, concurrency=8, seconds=45, max_tokens=32, progress=None)
-    assert report["errors"] == 0 and report["completed"] > 0
-    assert report["target_rose_s"] is not None, report["timeline"]
-    assert report["max_running"] == 2
+    tuner_run = {"scale_up_s": 7.5, "ttft_ms_p50": 300.0, "ttft_ms_p99": 900.0, "output_tok_per_s": 80.0,
+                 "completed": 40, "errors": 0}
+    bench_run = {"second_replica_running_s": 12.0, "ttft_ms_p50": 500.0, "ttft_ms_p99": 2000.0,
+                 "output_tok_per_s": 70.0, "completed": 35, "errors": 0}
+    table = policy_comparison({"llm": tuner_run, "ongoing_requests": bench_run, "none": {"scale_up_s": None}})
+    assert table.loc["llm", "scale_up_s"] == 7.5 and table.loc["ongoing_requests", "scale_up_s"] == 12.0
+    assert table.loc["ongoing_requests", "ttft_ms_p99"] == 2000.0
+    assert table.loc["none"].isna().all()  # no scale-up and nothing measured: empty, not invented

@@ -466,7 +466,7 @@ class _FakeCluster:
         cluster, url = self, self.urls[len(self.deployed) - 1]
 
         class App:
-            base_url, model = url, "fake-model"
+            base_url, model, name = url, "fake-model", cfg.name
 
             def shutdown(self):
                 cluster.shut += 1
@@ -481,10 +481,12 @@ def test_compare_configs_deploys_each_and_shuts_down(fake, tmp_path):
     # The second "config" is a server whose chunk gaps are 4x longer: its throughput ratio must show it.
     cluster = _FakeCluster([fake.url + "/ok", fake.url + "/slowgap", fake.url + "/ok"])
     table = bench.compare_configs(
-        cluster, [base, base.with_overrides(**{"batching.max_batch_size": 1}), ("two", base)],
+        cluster, [base, base.with_overrides(**{"batching.max_batch_size": 1}), ("two", base.with_overrides(name="two"))],
         Workload(num_requests=2, output_tokens=8), concurrency=[1], out_dir=tmp_path, progress=False,
     )
-    assert len(cluster.deployed) == 3 and cluster.shut == 3
+    # The first two share the app name: the second is deployed over the first (Serve updates in place);
+    # the app is shut down only before the differently named third and at the end.
+    assert len(cluster.deployed) == 3 and cluster.shut == 2
     assert list(table["label"]) == ["baseline", "batching.max_batch_size=1", "two"]
     assert (table["completed"] == 2).all()
     tps = list(table["output_tok_per_s"])
@@ -492,6 +494,17 @@ def test_compare_configs_deploys_each_and_shuts_down(fake, tmp_path):
     assert table["output_tok_per_s_ratio"].iloc[1] < 0.8
     assert table["tpot_ms_p50_ratio"].iloc[1] > 1.5
     assert len(list(tmp_path.glob("*/report.json"))) == 3
+
+
+def test_compare_configs_shuts_the_app_down_when_a_later_deploy_fails(fake):
+    from llmserve_nb.config import AppConfig
+
+    cluster = _FakeCluster([fake.url + "/ok"])  # a second deploy has no URL: it raises
+    base = AppConfig()
+    with pytest.raises(IndexError):
+        bench.compare_configs(cluster, [base, base.with_overrides(**{"batching.max_batch_size": 1})],
+                              Workload(num_requests=1, output_tokens=2), concurrency=[1], progress=False)
+    assert cluster.shut == 1
 
 
 def _cli(argv):

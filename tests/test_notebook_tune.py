@@ -1,4 +1,5 @@
-"""Notebook 02 headless: live batching change, then Serve autoscaling up under load and back down."""
+"""Notebook 02 headless: live batching change, Serve autoscaling up under load (watched by the live monitor)
+and back down, then the same load under the LLM-aware policy, compared."""
 from __future__ import annotations
 
 import pytest
@@ -16,3 +17,10 @@ def test_tune_notebook_scales_up_and_down(tmp_path):
     assert res["max_replicas_seen"] == 2, res["history"]
     assert res["replicas_after_load"] == 1, res["history"]
     assert res["load"]["completed"] > 0 and res["load"]["errors"] == 0, res["load"]
+    assert res["monitor"]["updates"] > 0 and not res["monitor"]["error"], res["monitor"]
+    policies = {row["policy"]: row for row in res["policies"]}
+    assert set(policies) == {"ongoing_requests", "llm"}
+    # A TTFT target no replica meets on 2 cores: the llm policy must have added the second replica.
+    assert policies["llm"]["scale_up_s"] is not None, res["history"]
+    assert policies["llm"]["errors"] == 0 and policies["llm"]["completed"] > 0
+    assert 0 < policies["llm"]["ttft_ms_p50"] <= policies["llm"]["ttft_ms_p99"]

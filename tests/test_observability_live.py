@@ -5,6 +5,7 @@ results, and every expression of the Grafana dashboard, the alert rules and the 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -54,5 +55,11 @@ def test_every_dashboard_alert_and_hpa_expression_returns_data(app, prometheus, 
     expressions = all_promql_expressions(app=app.config, rate_window="30s")
     assert any(k.startswith("dashboard/") for k in expressions) and any(k.startswith("alert/") for k in expressions)
     assert any(k.startswith("hpa/") for k in expressions)
-    empty = {k: e for k, e in expressions.items() if not prometheus.query(e)}
+    # Rates and derivatives need two samples in their window: give each a few scrapes under load.
+    deadline = time.monotonic() + 45
+    while True:
+        empty = {k: e for k, e in expressions.items() if not prometheus.query(e)}
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert not empty, f"expressions with no data under load: {empty}"

@@ -50,25 +50,8 @@ def warm_cluster(request):
 @pytest.fixture(scope="module")
 def tiny(request):
     """Two replicas, 2 ongoing + 2 queued requests: overload is reached with a burst of 20."""
-    from llmserve_nb import AppConfig
-
     cluster = warm_cluster(request)
-    config = AppConfig(name=APP, route_prefix=f"/{APP}",
-                       runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": API_KEY}}).with_overrides(**{
-        "engine.max_num_seqs": 8,
-        "engine.torch_threads": 1,
-        "batching.max_batch_size": 2,
-        "batching.batch_wait_timeout_s": 0.02,
-        "deployment.num_replicas": 2,
-        "deployment.num_cpus": 0.5,
-        "deployment.max_ongoing_requests": 2,
-        "deployment.max_queued_requests": 2,
-        "deployment.retry_after_s": 3,
-        "deployment.health_check_period_s": 2.0,
-        "deployment.health_check_timeout_s": 20.0,
-        "deployment.graceful_shutdown_wait_loop_s": 0.5,
-        "deployment.graceful_shutdown_timeout_s": 30.0,
-    })
+    config = rel.small_queue_config(APP, api_key=API_KEY, num_cpus=0.5, torch_threads=1)
     handle = cluster.deploy(config, progress=None, timeout_s=600)
     handle.api_key = API_KEY
     handle.request_timeout_s = 60
@@ -176,13 +159,11 @@ def test_deleting_the_last_app_keeps_serve_up_for_the_next_deploy():
 # ---- 1. backpressure -----------------------------------------------------------------------------
 @pytest.mark.ray
 def test_burst_over_a_tiny_queue_is_refused_fast_with_retry_after(tiny):
-    capacity = 2 * 2 + 2  # replicas x max_ongoing_requests + max_queued_requests
+    slots = 2 * 2  # replicas x max_ongoing_requests: what runs at once
+    capacity = slots + 2  # + max_queued_requests
     rel.burst(tiny.base_url, 2, api_key=API_KEY, max_tokens=2)  # warm both connections and the replicas
-    over = rel.burst(tiny.base_url, 20, api_key=API_KEY, max_tokens=TOKENS)
-    # The same number of requests without the excess (at most what the app admits). Serve's router caches
-    # the replicas' queue lengths for a moment, so right after a burst it may refuse again: let it settle.
-    time.sleep(3)
-    alone = rel.burst(tiny.base_url, max(1, min(over["accepted"], capacity)), api_key=API_KEY, max_tokens=TOKENS)
+    check = rel.backpressure_check(tiny.base_url, 20, slots=slots, api_key=API_KEY, max_tokens=TOKENS)
+    over, alone, waves = check["burst"], check["alone"], check["waves"]
     _report("backpressure", {"burst": {k: v for k, v in over.items() if k != "rows"},
                              "alone": {k: v for k, v in alone.items() if k != "rows"}})
     assert over["other_failures"] == 0, over["other_examples"]
@@ -192,10 +173,12 @@ def test_burst_over_a_tiny_queue_is_refused_fast_with_retry_after(tiny):
     assert "backpressure" in over["refusal_example"]
     assert over["refused_with_retry_after"] == over["refused"] and over["retry_after"] == ["3"]
     assert over["refused_max_s"] < 1.0, over  # refused at once, not after waiting for a slot
-    # Every accepted request ran to the end, and the refused excess did not slow them down.
+    # Every accepted request ran to the end, and the refused excess did not slow them down: the accepted
+    # ones take at most the waves they need (the queued ones wait for a running one to end), measured
+    # against one wave alone. In CI, 6 accepted (2 waves) took 4.2 s against 1.8 s for 3 alone.
     assert all(r["completion_tokens"] == TOKENS for r in over["rows"] if r["status"] == 200)
     assert alone["accepted"] >= 1 and alone["other_failures"] == 0, alone
-    assert over["accepted_p99_s"] <= 1.5 * alone["accepted_p99_s"] + 1.0, (over, alone)
+    assert over["accepted_p99_s"] <= 1.5 * waves * alone["accepted_p99_s"] + 1.0, (waves, over, alone)
 
 
 @pytest.mark.ray
@@ -227,7 +210,11 @@ def test_user_config_and_option_changes_under_load_fail_nothing_and_keep_replica
     assert all("error" not in e for e in tl.events), tl.events
     assert summary["failed"] == 0 and summary["hung"] == 0, summary
     assert summary["succeeded"] >= 8, summary
-    assert {tuple(s["ids"]) for s in tl.samples} == {tuple(sorted(before))}, "a replica was replaced"
+    # No new replica id ever appeared, and both are RUNNING after. (A replica reports UPDATING while
+    # Serve calls its reconfigure(), so one sample may show only the other one RUNNING.)
+    seen = set().union(*(s["ids"] for s in tl.samples))
+    assert seen == set(before), f"a replica was replaced: {sorted(seen)} vs {sorted(before)}"
+    assert rel.running_ids(tiny.cluster, tiny.name) == before
     assert tiny.stats()["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
     tiny.update(_widened(tiny), timeout_s=300)
 

@@ -128,3 +128,34 @@ def test_vllm_app_disables_batching_with_a_note_and_keeps_autoscaling():
     assert got["batching"] is None and got["replica_kept"] is True and "continuously" in got["note"]
     assert sent and sent[-1].deployment.autoscaling.max_replicas == 3
     assert t.replica_ids() == ["r1"]
+
+
+def test_policy_targets_are_tuner_controls_and_change_in_place():
+    cfg = AppConfig().with_overrides(**{"deployment.autoscaling": {"policy": "llm", "max_replicas": 2}})
+    app = AppHandle(_ServeDetailsOnly(cfg.name, "LLMServer"), cfg)
+    t = ServeTuner(app)
+    assert t.policy.value == "llm" and t.policy in t.widget.children
+    # Only the active policy's targets are live controls.
+    assert t.target_ongoing_requests.disabled and not t.target_ttft_s.disabled and not t.target_waiting_requests.disabled
+    t.set(target_ttft_s=0.7, target_waiting_requests=2.0)
+    tuned = t.config()
+    auto = tuned.deployment.autoscaling
+    assert (auto.policy, auto.target_ttft_s, auto.target_waiting_requests) == ("llm", 0.7, 2.0)
+    # A target change moves only user_config: Serve applies it without restarting a replica.
+    before, after = cfg.to_application()["deployments"][0], tuned.to_application()["deployments"][0]
+    assert tuned.build_args() == cfg.build_args()
+    assert before["autoscaling_config"] == after["autoscaling_config"]
+    assert after["user_config"]["autoscaling_targets"] == {"ttft_s": 0.7, "waiting_requests": 2.0}
+    # Switching the policy is a restart, and the status line says so before Apply.
+    t.set(policy="ongoing_requests")
+    assert not t.target_ongoing_requests.disabled and t.target_ttft_s.disabled
+    assert "restarts the replicas" in t.status.value
+    assert t.config().deployment.autoscaling.policy == "ongoing_requests"
+
+
+def test_a_vllm_app_offers_only_serves_default_policy():
+    from llmserve_nb.config import EngineConfig
+
+    cfg = AppConfig(engine=EngineConfig(backend="vllm"))
+    t = ServeTuner(AppHandle(_ServeDetailsOnly(cfg.name, "LLMServer:SmolLM2-135M-Instruct"), cfg))
+    assert list(t.policy.options) == ["ongoing_requests"]

@@ -76,11 +76,16 @@ def compare_configs(
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Deploy each config in turn on `cluster`, run the same sweep, shut it down; ratios to the first.
+    """Deploy each config in turn on `cluster` and run the same sweep; ratios to the first.
 
     `configs` holds `AppConfig`s or `(label, AppConfig)` pairs; unlabelled ones are named after the
-    fields where they differ from the first. Returns `ratio_table` of the combined summary, baseline
-    = the first config; with `out_dir`, each config's files land in `out_dir/<n>-<label>/`.
+    fields where they differ from the first. Consecutive configs of the same app name are deployed over
+    each other, so Serve changes what it can in place (batching, replica counts, `max_ongoing_requests`:
+    seconds, no model reload) and restarts replicas only for what builds them (the engine); an app is
+    shut down when the next config has another name, and the last one at the end, also on failure.
+    An app already running under the first config's name is reused the same way. Returns `ratio_table` of
+    the combined summary, baseline = the first config; with `out_dir`, each config's files land in
+    `out_dir/<n>-<label>/`.
     """
     wl = workload or Workload()
     levels = list(concurrency)
@@ -89,18 +94,22 @@ def compare_configs(
         raise ValueError("compare_configs needs at least one config")
     first = pairs[0][1]
     report = BenchReport()
-    for n, (label, cfg) in enumerate(pairs):
-        label = label or _config_label(cfg, first)
-        app = cluster.deploy(cfg)
-        try:
+    app = None
+    try:
+        for n, (label, cfg) in enumerate(pairs):
+            label = label or _config_label(cfg, first)
+            if app is not None and app.name != cfg.name:
+                app.shutdown()
+            app = cluster.deploy(cfg)
             part = sweep(app.base_url, wl, concurrency=levels, model=app.model, label=label, progress=progress,
                          api_key=getattr(app, "api_key", None))
-        finally:
+            if out_dir is not None:
+                safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:60]
+                part.save(Path(out_dir) / f"{n}-{safe}")
+            report = report + part
+    finally:
+        if app is not None:
             app.shutdown()
-        if out_dir is not None:
-            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:60]
-            part.save(Path(out_dir) / f"{n}-{safe}")
-        report = report + part
     return ratio_table(report.summary())
 
 
