@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,9 @@ from typing import Iterator
 
 import httpx
 import psutil
+
+from llmserve_nb.cluster import ClusterError
+from llmserve_nb.cluster_autoscaling import cluster_processes, stop_processes
 
 HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 WORKER_RESOURCE = "node2"
@@ -77,22 +79,8 @@ def _pick_ports(preferred: dict[str, int]) -> dict[str, int]:
 
 
 def ray_processes(temp_dir: Path) -> list[psutil.Process]:
-    """Ray daemons whose command line names `temp_dir`, and all their descendants.
-
-    Workers rename themselves (`ray::IDLE`, `ray::ServeReplica...`), so they are found as the raylet's children.
-    """
-    found: dict[int, psutil.Process] = {}
-    needle = str(temp_dir)
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(needle in arg for arg in p.info["cmdline"] or ()):
-                found[p.pid] = p
-                for child in p.children(recursive=True):
-                    found[child.pid] = child
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
+    """Ray daemons whose command line names `temp_dir`, and all their descendants (the package's finder)."""
+    return cluster_processes(temp_dir)
 
 
 def _ray_start(args: list[str], env: dict[str, str], timeout_s: float) -> None:
@@ -191,30 +179,8 @@ def running_cluster(timeout_s: float = 120.0) -> Iterator[RayTestCluster]:
 
 def stop_cluster(c: RayTestCluster, grace_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL, every process of this cluster; raise if any survives. Removes the temp dir."""
-    procs = c.processes()
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    # gcs_server lingers for ~15 s after SIGTERM, waiting for raylets that are already gone; no state to save.
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
-    # Processes that forked while we were stopping the others (a raylet restarting a worker).
-    left = [desc for desc in map(_describe_live, c.processes()) if desc]
-    if left:
-        raise RayClusterError(f"processes of the test cluster in {c.temp_dir} survived SIGKILL: {left}")
-    shutil.rmtree(c.temp_dir, ignore_errors=True)
-
-
-def _describe_live(p: psutil.Process) -> str | None:
-    """'pid name' of a process that still runs; None once it is gone or a zombie (nothing left to stop)."""
     try:
-        return None if p.status() == psutil.STATUS_ZOMBIE else f"{p.pid} {p.name()}"
-    except psutil.NoSuchProcess:
-        return None
+        stop_processes(c.temp_dir, grace_s)
+    except ClusterError as e:
+        raise RayClusterError(str(e)) from None
+    shutil.rmtree(c.temp_dir, ignore_errors=True)

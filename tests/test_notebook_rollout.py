@@ -22,3 +22,5 @@ def test_rollout_notebook_promotes_without_failures(tmp_path):
     final = results["final"]
     assert final["weights"] == {"llm-v2": 100.0} and list(final["versions"]) == ["llm-v2"]
     assert [r["label"] for r in results["comparison"]] == ["llm-v1", "llm-v2"]
+    # The live view ran during the rollout and redrew its chart.
+    assert results["monitor"]["updates"] > 0 and not results["monitor"]["error"], results["monitor"]
