@@ -102,7 +102,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], Callable[[dict], None] | None, str]]
 # Settings that live in the Ray head's environment (read by Serve's controller and proxies at start):
 # each such candidate gets a Ray head of its own.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-HAPROXY_ENV = {**THROUGHPUT_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
+# What the vLLM RayService renders (vllm_app.HIGH_THROUGHPUT_ENV), with one HAProxy thread for 2 cores.
+HAPROXY_ENV = {**vllm_app.HIGH_THROUGHPUT_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
 HEAD_ENV: dict[str, dict[str, str]] = {"throughput": THROUGHPUT_ENV, "haproxy": HAPROXY_ENV, "haproxy+quiet": HAPROXY_ENV}
 __doc__ += "".join(f"\n- `{k}`: {v[2]}" for k, v in CANDIDATES.items())
 
@@ -132,6 +133,15 @@ def drive(label: str, url: str, api_key: str | None, args) -> list[dict]:
         log(json.dumps(row))
         rows.append(row)
     return rows
+
+
+def wrong_key_status(base_url: str) -> int:
+    """The status a completion with a wrong API key gets: every setting must keep the ingress's key check."""
+    import httpx
+
+    r = httpx.post(f"{base_url}/v1/completions", headers={"Authorization": "Bearer wrong-" + KEY},
+                   json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    return r.status_code
 
 
 @contextlib.contextmanager
@@ -261,6 +271,9 @@ def main(argv=None) -> int:
                             app = cluster.deploy(cfg, wait=False)
                             wait_running(app, args.deploy_timeout_s)
                             log(f"{label}: deployed in {time.monotonic() - t:.0f} s")
+                            refused = wrong_key_status(app.base_url)
+                            notes.append(f"{label}: a wrong API key got HTTP {refused}"
+                                         + ("" if refused == 401 else " (NOT REFUSED: the key check is bypassed)"))
                             try:
                                 return drive(label, app.base_url, KEY, args)
                             finally:

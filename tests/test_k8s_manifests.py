@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmserve_nb import k8s
+from llmserve_nb import k8s, vllm_app
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -105,6 +105,22 @@ def test_vllm_rayservice_serves_the_vllm_profile_through_ray_serve_llm(crds, ren
     assert llm_config["accelerator_config"] == {"kind": "gpu"}
     assert llm_config["placement_group_config"]["bundle_per_worker"]["GPU"] == 1
     assert k8s.validate_manifest(svc, crds=crds) == []
+
+
+def test_the_vllm_rayservice_turns_on_rays_high_throughput_serving_and_the_transformers_one_does_not(rendered):
+    """Ray's KubeRay guide for high-throughput Serve: HAProxy ingress and throughput-optimized mode, read by
+    every Ray process at start, so they go in each container's environment (measured on CPU:
+    benchmarks/serve_llm_settings.py). Only the vLLM app, where they were measured, gets them."""
+    def env(svc, group):
+        cluster = svc["spec"]["rayClusterConfig"]
+        spec = cluster["headGroupSpec"] if group == "head" else cluster["workerGroupSpecs"][0]
+        return {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+
+    [vllm] = rendered["rayservice-vllm-gpu.yaml"]
+    for group in ("head", "worker"):
+        assert {k: env(vllm, group).get(k) for k in vllm_app.HIGH_THROUGHPUT_ENV} == vllm_app.HIGH_THROUGHPUT_ENV
+        assert not set(vllm_app.HIGH_THROUGHPUT_ENV) & set(env(_gpu_service(rendered), group))
+    assert vllm_app.HIGH_THROUGHPUT_ENV == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def test_gpu_profile_asks_one_gpu_per_replica(rendered):

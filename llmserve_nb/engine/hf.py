@@ -1,5 +1,6 @@
 """The transformers model and its batched decode step: left padding, per-row sampling, finished
-rows leaving the KV cache, batches merging and the cache trimmed to what live rows attend to."""
+rows leaving the KV cache, batches merging and the cache trimmed to what live rows attend to. The KV
+cache is written in place (`kv_cache.SlabLayer`), so a step's copying does not grow with the width."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ from typing import Any, Callable
 
 from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine.detokenizer import OutputText
+from llmserve_nb.engine.kv_cache import SlabLayer, to_slabs
 from llmserve_nb.engine.loading import cpu_threads, load_gguf_with_cache, pick_device_dtype, resolve_source
 from llmserve_nb.engine.protocol import GenerationRequest, GenerationResult
 
@@ -175,6 +177,7 @@ class HFEngine:
         attn = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(input_ids, attn, position_ids, None)
+        to_slabs(out.cache)
         batch = DecodeBatch(rows, out.cache, attn, position_ids[:, -1:], None)
         self._absorb(batch, out.logits[:, -1, :])
         return batch
@@ -213,25 +216,36 @@ class HFEngine:
             self.drop(batch, leaving)
 
     def drop(self, batch: DecodeBatch, positions: list[int]) -> None:
-        """Remove rows from the batch and its KV cache, then trim columns no remaining row attends to."""
+        """Remove rows from the batch and its KV cache, then trim columns no remaining row attends to.
+        In a slab cache the last rows move into the holes (rows change order; only movers are copied)."""
         import torch
 
         gone = set(positions)
         keep = [i for i in range(len(batch.rows)) if i not in gone]
-        batch.rows = [batch.rows[i] for i in keep]
         if not keep:
+            batch.rows = []
             return
-        idx = torch.tensor(keep, device=batch.attn.device)
-        batch.cache.batch_select_indices(idx)
+        if self.can_merge(batch):
+            n = len(keep)
+            holes = [i for i in sorted(gone) if i < n]
+            movers = [i for i in keep if i >= n]
+            order = list(range(n))
+            for hole, mover in zip(holes, movers):
+                order[hole] = mover
+            for layer in batch.cache.layers:
+                layer.move_rows(holes, movers, n)
+        else:
+            order = keep
+            batch.cache.batch_select_indices(torch.tensor(keep, device=batch.attn.device))
+        idx = torch.tensor(order, device=batch.attn.device)
+        batch.rows = [batch.rows[i] for i in order]
         batch.attn, batch.pos, batch.next_ids = batch.attn[idx], batch.pos[idx], batch.next_ids[idx]
         self.trim(batch)
 
     def can_merge(self, batch: DecodeBatch) -> bool:
-        """Only plain dynamic KV caches can be joined and trimmed; other cache types (sliding windows...)
-        run one admission group at a time."""
-        from transformers.cache_utils import DynamicLayer
-
-        return all(type(layer) is DynamicLayer for layer in getattr(batch.cache, "layers", [None]))
+        """Only slab caches (plain dynamic KV layers, converted after prefill) can be joined and trimmed;
+        other cache types (sliding windows...) run one admission group at a time."""
+        return all(isinstance(layer, SlabLayer) for layer in getattr(batch.cache, "layers", [None]))
 
     def trim(self, batch: DecodeBatch) -> None:
         """Drop leading KV columns that no row attends to: left padding left behind by finished rows.
@@ -244,19 +258,18 @@ class HFEngine:
             return
         batch.attn = batch.attn[:, first:]
         for layer in batch.cache.layers:
-            layer.keys = layer.keys[:, :, first:, :]
-            layer.values = layer.values[:, :, first:, :]
+            layer.trim_left(first)
 
     def merge(self, a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
-        """Join two running batches: left-pad the shorter KV cache and mask, then stack the rows."""
+        """Join two running batches: the newcomers' KV rows go below the running ones, both right-aligned
+        to the wider of the two; the narrower side's mask is left-padded."""
         import torch
         import torch.nn.functional as F
 
         ta, tb = a.width, b.width
         width = max(ta, tb)
         for la, lb in zip(a.cache.layers, b.cache.layers):
-            la.keys = torch.cat([F.pad(la.keys, (0, 0, width - ta, 0)), F.pad(lb.keys, (0, 0, width - tb, 0))])
-            la.values = torch.cat([F.pad(la.values, (0, 0, width - ta, 0)), F.pad(lb.values, (0, 0, width - tb, 0))])
+            la.append_rows(lb, width)
         a.attn = torch.cat([F.pad(a.attn, (width - ta, 0)), F.pad(b.attn, (width - tb, 0))])
         a.pos = torch.cat([a.pos, b.pos])
         a.next_ids = torch.cat([a.next_ids, b.next_ids])

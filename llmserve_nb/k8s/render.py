@@ -23,6 +23,7 @@ from llmserve_nb.k8s.options import (
 )
 from llmserve_nb.k8s.profiles import profile
 from llmserve_nb.k8s.security import auth_options, token_env
+from llmserve_nb.vllm_app import cluster_env
 
 def serve_config_yaml(app: AppConfig) -> str:
     """The RayService `serveConfigV2`: the YAML of the same Serve config a notebook deploys."""
@@ -49,12 +50,14 @@ def _resources(cpu: str, memory: str, extra: dict[str, str] | None = None) -> di
     return {"limits": limits, "requests": dict(limits)}
 
 
-def _ray_container(spec: ClusterSpec, name: str, resources: dict[str, Any], ports: list[str]) -> dict[str, Any]:
+def _ray_container(
+    spec: ClusterSpec, name: str, resources: dict[str, Any], ports: list[str], env: dict[str, str] | None = None
+) -> dict[str, Any]:
     c: dict[str, Any] = {"name": name, "image": spec.image, "imagePullPolicy": "IfNotPresent"}
     if ports:
         c["ports"] = [{"name": p, "containerPort": PORTS[p]} for p in ports]
     key = {"secretKeyRef": {"name": spec.api_key_secret, "key": API_KEY_SECRET_KEY}}
-    c["env"] = [{"name": API_KEY_ENV, "valueFrom": key}]
+    c["env"] = [{"name": API_KEY_ENV, "valueFrom": key}, *({"name": k, "value": v} for k, v in (env or {}).items())]
     c["resources"] = resources
     c["securityContext"] = _container_security()
     # Ray's object store lives in /dev/shm; the container default (64Mi) is far too small.
@@ -74,10 +77,12 @@ def _pod_template(spec: ClusterSpec, app_name: str, container: dict[str, Any], g
     return {"metadata": {"labels": {**NAME_LABEL, "app.kubernetes.io/instance": app_name}}, "spec": pod}
 
 
-def _worker_group(spec: ClusterSpec, app_name: str) -> dict[str, Any]:
+def _worker_group(spec: ClusterSpec, app_name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     gpu = spec.gpu is not None
     extra = {spec.gpu.resource: str(spec.gpu.per_worker)} if spec.gpu is not None else None
-    container = _ray_container(spec, "ray-worker", _resources(spec.worker_cpu, spec.worker_memory, extra), ["metrics"])
+    container = _ray_container(
+        spec, "ray-worker", _resources(spec.worker_cpu, spec.worker_memory, extra), ["metrics"], env
+    )
     return {
         "groupName": "gpu-workers" if gpu else "cpu-workers",
         "replicas": spec.min_workers,
@@ -88,8 +93,8 @@ def _worker_group(spec: ClusterSpec, app_name: str) -> dict[str, Any]:
     }
 
 
-def _ray_cluster_spec(spec: ClusterSpec, app_name: str) -> dict[str, Any]:
-    head = _ray_container(spec, "ray-head", _resources(spec.head_cpu, spec.head_memory), list(PORTS))
+def _ray_cluster_spec(spec: ClusterSpec, app_name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    head = _ray_container(spec, "ray-head", _resources(spec.head_cpu, spec.head_memory), list(PORTS), env)
     cluster: dict[str, Any] = {"rayVersion": spec.ray_version}
     if (auth := auth_options(spec)) is not None:
         cluster["authOptions"] = auth
@@ -107,7 +112,7 @@ def _ray_cluster_spec(spec: ClusterSpec, app_name: str) -> dict[str, Any]:
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
             "template": _pod_template(spec, app_name, head, gpu=False),
         },
-        "workerGroupSpecs": [_worker_group(spec, app_name)],
+        "workerGroupSpecs": [_worker_group(spec, app_name, env)],
     }
 
 
@@ -120,7 +125,10 @@ def rayservice_for(app: AppConfig, spec: ClusterSpec, name: str) -> dict[str, An
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": meta(name, spec, **{"app.kubernetes.io/instance": name}),
-        "spec": {"serveConfigV2": serve_config_yaml(app), "rayClusterConfig": _ray_cluster_spec(spec, name)},
+        "spec": {
+            "serveConfigV2": serve_config_yaml(app),
+            "rayClusterConfig": _ray_cluster_spec(spec, name, cluster_env(app)),
+        },
     }
 
 
