@@ -9,8 +9,8 @@ finished row is replaced by the last row (one row copied, not the batch); newcom
 spare rows. A buffer is reallocated only when it runs out of room, with headroom in proportion to what
 it holds, so the copying is amortised O(1) columns per step instead of O(width).
 
-Buffers start zeroed and only ever hold values the model wrote, so the stale columns that left padding
-exposes are finite and masked out: they never reach a softmax as NaN.
+Buffers are the prefill's own tensors or start zeroed, and only ever hold values the model wrote, so
+the stale columns that left padding exposes are finite and masked out: they never reach a softmax as NaN.
 """
 from __future__ import annotations
 
@@ -32,20 +32,23 @@ class SlabLayer(DynamicLayer):
     """One layer's keys and values as views into preallocated buffers (see the module docstring)."""
 
     def __init__(self, keys, values):
+        """Adopt a prefill's keys and values as the buffers, without copying: a prefilled batch that is
+        merged into the running one is read once and dropped; one that starts running gets its spare
+        room at its first step's reallocation."""
         super().__init__()
-        rows, _, width, _ = keys.shape
         self.device = keys.device
         self.is_initialized = True
-        self.rows, self.start, self.end = rows, 0, 0
-        self._k = self._v = None
-        self._realloc(rows + _spare(rows, MIN_SPARE_ROWS), width + _spare(width, MIN_SPARE_COLUMNS), keys, values)
+        self._k, self._v = keys, values
+        self.rows, self.start, self.end = keys.shape[0], 0, keys.shape[2]
+        self._sync()
 
     # ---- the transformers cache-layer interface ----------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
         if self.end + n > self._k.shape[2]:
             live = self.end - self.start + n
-            self._realloc(self._k.shape[0], live + _spare(live, MIN_SPARE_COLUMNS))
+            rows = max(self._k.shape[0], self.rows + _spare(self.rows, MIN_SPARE_ROWS))
+            self._realloc(rows, live + _spare(live, MIN_SPARE_COLUMNS))
         self._k[: self.rows, :, self.end : self.end + n] = key_states
         self._v[: self.rows, :, self.end : self.end + n] = value_states
         self.end += n
@@ -88,12 +91,11 @@ class SlabLayer(DynamicLayer):
         self._sync()
 
     # ---- internals ------------------------------------------------------------------------------
-    def _realloc(self, row_capacity: int, column_capacity: int, keys=None, values=None, left: int = 0) -> None:
-        """New zeroed buffers; the live window (or `keys`/`values`) is copied to start at column `left`."""
+    def _realloc(self, row_capacity: int, column_capacity: int, left: int = 0) -> None:
+        """New zeroed buffers; the live window is copied to start at column `left`."""
         import torch
 
-        keys = self.keys if keys is None else keys
-        values = self.values if values is None else values
+        keys, values = self.keys, self.values
         _, heads, width, dim = keys.shape
         shape = (row_capacity, heads, max(column_capacity, left + width), dim)
         new_k = torch.zeros(shape, dtype=keys.dtype, device=keys.device)
