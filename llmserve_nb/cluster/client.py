@@ -1,0 +1,313 @@
+"""The client of a Ray cluster's dashboard: reads its nodes and Serve applications, deploys and deletes apps.
+
+One `Cluster` serves every target `connect()` can reach (embedded, address, KubeRay), so what happens
+after connecting is a single code path that the local default exercises and tests can aim at a fake
+dashboard; the version-skew check is here because the dashboard is where the cluster's Ray version is
+read.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import platform
+import time
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import httpx
+
+from llmserve_nb.cluster.app import AppHandle
+from llmserve_nb.cluster.errors import CONNECT_TIMEOUT_S, ClusterError, DeployError
+from llmserve_nb.config import AppConfig, ConfigError, config_of_application
+
+log = logging.getLogger(__name__)
+
+
+def check_version_skew(
+    cluster_ray: str | None, cluster_python: str | None, local_ray: str | None = None, local_python: str | None = None
+) -> None:
+    """Raise ClusterError when the cluster's Ray (exact) or Python (major.minor) differs from this kernel's.
+
+    The Serve config, pickled objects and Ray's own protocol break across Ray versions, and pickled
+    code across Python minors, so `connect()` checks this before anything else. A version the cluster
+    does not state (None) is not checked.
+    """
+    if local_ray is None:
+        import ray
+
+        local_ray = ray.__version__
+    local_python = local_python or platform.python_version()
+    problems = []
+    if cluster_ray and cluster_ray != local_ray:
+        problems.append(f"the cluster runs ray {cluster_ray}, this kernel has ray {local_ray}")
+    if cluster_python and cluster_python.split(".")[:2] != local_python.split(".")[:2]:
+        problems.append(f"the cluster runs Python {cluster_python}, this kernel has Python {local_python}")
+    if problems:
+        raise ClusterError(
+            "Ray version skew: " + "; ".join(problems)
+            + f". Install the cluster's versions here (`pip install ray[serve]=={cluster_ray or local_ray}`"
+            + (f" on Python {cluster_python}" if cluster_python else "")
+            + ") or use a cluster image that matches this kernel (connect(check_version=False) skips this check)"
+        )
+
+
+class Cluster:
+    """A Ray cluster reached through its dashboard (REST) and its Serve HTTP proxy."""
+
+    def __init__(
+        self,
+        dashboard_url: str,
+        serve_url: str,
+        *,
+        kind: str,
+        how: str,
+        token: str | None = None,
+        serve_host: str = "0.0.0.0",
+        on_close: Callable[[], None] | None = None,
+        timeout_s: float = 30.0,
+    ):
+        self.dashboard_url = dashboard_url.rstrip("/")
+        self.serve_url = serve_url.rstrip("/")
+        self.kind = kind
+        self.how = how
+        self.serve_host = serve_host
+        self._on_close = on_close
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=self.dashboard_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
+        )
+        self.handles: dict[str, AppHandle] = {}
+        self.deployed: set[str] = set()  # apps deployed through this object: the only ones shutdown() deletes
+        self.managed_by: str | None = None  # name of the RayService whose operator owns Serve here
+
+    # ---- REST ------------------------------------------------------------------------------
+    def _api(self, method: str, path: str, refused: type[ClusterError] = ClusterError, **kw) -> Any:
+        url = f"{self.dashboard_url}{path}"
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TimeoutException as e:
+            raise ClusterError(
+                f"{method} {url}: the Ray dashboard did not answer in time ({type(e).__name__}); "
+                "is the head node overloaded, or the port-forward to it stalled?"
+            ) from None
+        except httpx.TransportError as e:
+            raise ClusterError(
+                f"cannot reach the Ray dashboard at {self.dashboard_url} ({type(e).__name__}: {e}); "
+                "is the cluster running and the address (or port-forward) right?"
+            ) from None
+        if r.status_code in (401, 403):
+            raise ClusterError(
+                f"the Ray dashboard at {self.dashboard_url} rejected our credentials (HTTP {r.status_code}): "
+                "the cluster uses token auth; pass token=..., set RAY_AUTH_TOKEN, or for KubeRay the auth Secret"
+            )
+        if r.status_code >= 400:
+            raise refused(f"{method} {url} failed with HTTP {r.status_code}: {r.text[:2000]}")
+        if not r.content or "json" not in r.headers.get("content-type", ""):
+            return r.text
+        try:
+            return r.json()
+        except ValueError:
+            raise ClusterError(f"{method} {url} answered invalid JSON: {r.text[:300]!r}") from None
+
+    def version(self) -> dict[str, Any]:
+        return self._api("GET", "/api/version")
+
+    def check_version(self, cluster_python: str | None = None, cluster_ray: str | None = None) -> None:
+        """Refuse a Ray/Python version skew. Ray's version is the one the dashboard reports (`cluster_ray`
+        only when it reports none); Python's is known only from outside (e.g. a KubeRay image tag)."""
+        check_version_skew(self.version().get("ray_version") or cluster_ray, cluster_python)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Alive and dead nodes with their resources (from the state API)."""
+        data = self._api("GET", "/api/v0/nodes", params={"limit": 1000, "detail": "true"})
+        rows = []
+        for n in data["data"]["result"]["result"]:
+            res = n.get("resources_total", {})
+            rows.append({
+                "node_id": n["node_id"][:12],
+                "ip": n.get("node_ip"),
+                "head": n.get("is_head_node", False),
+                "state": n.get("state"),
+                "CPU": res.get("CPU", 0),
+                "GPU": res.get("GPU", 0),
+                "memory_GiB": round(res.get("memory", 0) / 2**30, 1),
+                "custom": {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                           and not k.startswith("node:")},
+            })
+        return rows
+
+    def metrics_urls(self) -> list[str]:
+        """Ray's metrics export endpoint (`http://<node>:<metrics-export-port>/metrics`) of each alive node,
+        from the dashboard's node summary. The head is addressed as the dashboard is (e.g. 127.0.0.1)."""
+        data = self._api("GET", "/nodes", params={"view": "summary"})
+        dashboard_host = urlparse(self.dashboard_url).hostname
+        urls = []
+        for node in (data.get("data") or {}).get("summary") or []:
+            raylet = node.get("raylet") or {}
+            port = raylet.get("metricsExportPort")
+            if raylet.get("state", "ALIVE") != "ALIVE" or not port:
+                continue
+            host = dashboard_host if raylet.get("isHeadNode") else raylet.get("nodeManagerAddress") or node.get("ip")
+            urls.append(f"http://{host}:{port}/metrics")
+        return urls
+
+    def serve_details(self) -> dict[str, Any]:
+        return self._api("GET", "/api/serve/applications/")
+
+    def applications(self) -> list[dict[str, Any]]:
+        """One row per Serve application: status, replicas by state and node."""
+        rows = []
+        for name, app in (self.serve_details().get("applications") or {}).items():
+            for dname, dep in (app.get("deployments") or {}).items():
+                replicas = dep.get("replicas") or []
+                rows.append({
+                    "app": name,
+                    "route_prefix": app.get("route_prefix"),
+                    "app_status": app.get("status"),
+                    "deployment": dname,
+                    "deployment_status": dep.get("status"),
+                    "target_replicas": dep.get("target_num_replicas"),
+                    "running_replicas": sum(r.get("state") == "RUNNING" for r in replicas),
+                    "nodes": sorted({(r.get("node_id") or "")[:12] for r in replicas}),
+                    "message": app.get("message") or dep.get("message") or "",
+                })
+        return rows
+
+    # ---- deploy ----------------------------------------------------------------------------
+    def app(self, name: str = "llm") -> AppHandle:
+        """A handle to an application that already runs, e.g. one a RayService deployed.
+
+        Attaching does not make the app ours: `shutdown()` leaves it running.
+        """
+        apps = self.serve_details().get("applications") or {}
+        if name not in apps:
+            raise ClusterError(f"no Serve application {name!r} on this cluster (running: {sorted(apps) or 'none'})")
+        try:
+            config = config_of_application(apps[name].get("deployed_app_config") or {"name": name})
+        except ConfigError as e:
+            raise ClusterError(f"application {name!r} is not an llmserve_nb app: {e}") from None
+        handle = AppHandle(self, config)
+        self.handles.setdefault(name, handle)
+        return handle
+
+    def _refuse_if_managed(self, what: str) -> None:
+        if self.managed_by is not None:
+            raise DeployError(
+                f"cannot {what}: this cluster belongs to RayService {self.managed_by!r}: KubeRay reconciles its "
+                "serveConfigV2 and would revert a deploy made here. Use cluster.app(name) to work with the app it "
+                "runs, change the RayService (llmserve-nb render-k8s), or deploy to a RayCluster instead"
+            )
+
+    def deploy(
+        self,
+        config: AppConfig | None = None,
+        *,
+        wait: bool = True,
+        timeout_s: float = 900.0,
+        progress: Callable[[str], None] | None = print,
+    ) -> AppHandle:
+        """Deploy (or update in place) one application; other applications on the cluster are kept.
+
+        With `wait`, returns once Serve runs this config and its route answers; a deploy Serve reports
+        as failed raises DeployError with Serve's own message.
+        """
+        config = config or AppConfig()
+        self.deploy_application(config.to_application())
+        handle = self.handles.get(config.name)
+        if handle is None:
+            handle = self.handles[config.name] = AppHandle(self, config)
+        handle.config = config
+        if wait:
+            handle.wait_running(timeout_s=timeout_s, progress=progress)
+        return handle
+
+    def deploy_application(self, application: dict[str, Any]) -> None:
+        """Send one raw `applications:` entry (what `AppConfig.to_application()` renders, or any Serve app,
+        e.g. the rollout router) without waiting; the cluster's other applications and Serve's proxy
+        options are kept. Refused when a RayService owns Serve here or the route prefix is taken."""
+        name, prefix = application["name"], application.get("route_prefix")
+        self._refuse_if_managed(f"deploy {name!r}")
+        details = self.serve_details()
+        others = [
+            app["deployed_app_config"]
+            for other, app in (details.get("applications") or {}).items()
+            if other != name and app.get("deployed_app_config")
+        ]
+        for other in others:
+            if prefix is not None and other.get("route_prefix") == prefix:
+                raise DeployError(
+                    f"route_prefix {prefix!r} is taken by application {other['name']!r}; "
+                    "give this app another name and route_prefix"
+                )
+        body: dict[str, Any] = {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": self.serve_host, "port": urlparse(self.serve_url).port or 80},
+            "applications": others + [application],
+        }
+        if details.get("http_options"):
+            # Serve's proxy options are fixed once it runs; resend them unchanged.
+            body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
+        self._api("PUT", "/api/serve/applications/", refused=DeployError, json=body)
+        self.deployed.add(name)
+
+    def delete(self, app_name: str, timeout_s: float = 120.0) -> None:
+        """Remove one application; the others, and Serve itself, keep running."""
+        self._refuse_if_managed(f"delete {app_name!r}")
+        details = self.serve_details()
+        apps = details.get("applications") or {}
+        if app_name in apps:
+            rest = [a["deployed_app_config"] for n, a in apps.items() if n != app_name and a.get("deployed_app_config")]
+            # Even for the last app a PUT, never DELETE: DELETE shuts Serve down asynchronously and took
+            # the next app deployed seconds later down with it.
+            body: dict[str, Any] = {"applications": rest}
+            if details.get("http_options"):
+                body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
+            self._api("PUT", "/api/serve/applications/", json=body)
+            deadline = time.monotonic() + timeout_s
+            while app_name in (self.serve_details().get("applications") or {}):
+                if time.monotonic() > deadline:
+                    raise DeployError(f"application {app_name!r} still present {timeout_s:.0f}s after delete")
+                time.sleep(0.5)
+        self.deployed.discard(app_name)
+        handle = self.handles.pop(app_name, None)
+        if handle is not None:
+            handle.close()
+
+    def shutdown(self) -> None:
+        """Delete the apps this object deployed (not those merely attached with `app()`, never those a
+        RayService owns), close the connection, and stop the embedded Ray if this process started it."""
+        if self.managed_by is None:
+            for name in sorted(self.deployed):
+                try:
+                    self.delete(name)
+                except ClusterError as e:
+                    log.warning("could not delete %s: %s", name, e)
+        for handle in self.handles.values():
+            handle.close()
+        self._http.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    def _repr_html_(self) -> str:
+        try:
+            nodes = self.nodes()
+            apps = self.applications()
+        except ClusterError as e:
+            return f"<b>Ray cluster</b> at {html.escape(self.dashboard_url)}: <span style='color:red'>{html.escape(str(e))}</span>"
+        return (
+            f"<b>Ray cluster</b> ({html.escape(self.kind)}, {html.escape(self.how)})<br>"
+            f"dashboard <a href='{self.dashboard_url}'>{self.dashboard_url}</a> · serve {html.escape(self.serve_url)}"
+            + _html_table(nodes, "nodes") + _html_table(apps, "Serve applications")
+        )
+
+    def __repr__(self) -> str:
+        return f"Cluster(kind={self.kind!r}, dashboard_url={self.dashboard_url!r}, serve_url={self.serve_url!r})"
+
+
+def _html_table(rows: list[dict], title: str) -> str:
+    if not rows:
+        return f"<p><i>no {html.escape(title)}</i></p>"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<p><b>{html.escape(title)}</b></p><table><tr>{head}</tr>{body}</table>"
