@@ -95,13 +95,19 @@ def level_workload(wl: bench.Workload, concurrency: int, min_requests: int, per_
 
 
 def sweep_levels(url: str, wl: bench.Workload, levels: list[int], min_requests: int, label: str,
-                 model: str | None = None, api_key: str | None = None, per_user: int = 1) -> bench.BenchReport:
-    """`bench.sweep`, with the request count of each level scaled by `level_workload`."""
+                 model: str | None = None, api_key: str | None = None, per_user: int = 1,
+                 cpu: dict[int, dict[str, float]] | None = None) -> bench.BenchReport:
+    """`bench.sweep`, with the request count of each level scaled by `level_workload`; `cpu`, when given,
+    gets each level's `cpu_by_process` figures."""
     kw = dict(model=model or MODEL_NAME, label=label, api_key=api_key)
     warm = dataclasses.replace(wl, num_requests=1, seed=wl.seed + 1, output_tokens=8, drop_fraction=0.0)
     bench.run_benchmark(url, warm, concurrency=1, progress=False, **kw)
-    runs = [bench.run_benchmark(url, level_workload(wl, c, min_requests, per_user), concurrency=c, **kw)
-            for c in levels]
+    runs = []
+    for c in levels:
+        with cpu_by_process() as cores:
+            runs.append(bench.run_benchmark(url, level_workload(wl, c, min_requests, per_user), concurrency=c, **kw))
+        if cpu is not None:
+            cpu[c] = cores
     return bench.BenchReport(runs)
 
 
@@ -294,6 +300,49 @@ def replica_code(head: RayHead, timeout_s: float = 30.0) -> tuple[int | None, se
     return pids[0], dirs
 
 
+# ---- where the CPU goes ------------------------------------------------------------------------
+
+# Process kinds by what Ray titles them (`ray::ServeReplica:...`) or runs; the first match names the kind.
+_CPU_KINDS = (("replica", "ServeReplica"), ("proxy", "ProxyActor"), ("controller", "ServeController"),
+              ("haproxy", "haproxy"))
+
+
+@contextlib.contextmanager
+def cpu_by_process(extra_roots: tuple[int, ...] = ()):
+    """Cores each kind of process used while the block ran: Serve's replica, proxy and controller, HAProxy,
+    `this process` (the load generator and driver) and `ray system` (raylet, GCS, dashboard, agents).
+
+    Yields a dict that is filled when the block ends. Processes are this one's descendants, plus those of
+    `extra_roots` (a Ray head started apart); a process that starts or ends within the block counts only
+    for the time both samples saw it.
+    """
+    import psutil
+
+    def sample() -> dict[int, tuple[str, float]]:
+        me = psutil.Process()
+        procs = {me.pid: me}
+        for root in (me, *(psutil.Process(r) for r in extra_roots if psutil.pid_exists(r))):
+            procs.update({p.pid: p for p in (root, *root.children(recursive=True))})
+        out = {}
+        for pid, p in procs.items():
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(p.cmdline())
+                kind = ("this process" if pid == me.pid else
+                        next((k for k, key in _CPU_KINDS if key in cmd), "ray system"))
+                t = p.cpu_times()
+                out[pid] = (kind, t.user + t.system)
+        return out
+
+    cores: dict[str, float] = {}
+    before, t0 = sample(), time.monotonic()
+    yield cores
+    after, wall = sample(), time.monotonic() - t0
+    for pid, (kind, cpu) in after.items():
+        if pid in before:
+            cores[kind] = cores.get(kind, 0.0) + (cpu - before[pid][1]) / wall
+    cores.update({k: round(v, 2) for k, v in cores.items()})
+
+
 # ---- the engine without Serve ------------------------------------------------------------------
 
 def load_offline_engine(dtype: str = "float32"):
@@ -336,12 +385,16 @@ def engine_limit(engine, levels: list[int], wl: bench.Workload, min_requests: in
 
 
 def sweep_deployed(cluster, cfg, wl: bench.Workload, levels: list[int], min_requests: int, label: str) -> list[dict]:
-    """Deploy one AppConfig on an in-process cluster handle, sweep it, shut it down; summary rows."""
+    """Deploy one AppConfig on an in-process cluster handle, sweep it, shut it down; summary rows, each with
+    the cores every kind of process used during its level (`cores <kind>`, from `cpu_by_process`)."""
     t0 = time.monotonic()
     app = cluster.deploy(cfg)
     log(f"{label}: deployed in {time.monotonic() - t0:.0f} s at {app.base_url}")
     try:
-        report = sweep_levels(app.base_url, wl, levels, min_requests, label, model=app.model, api_key=app.api_key)
-        return report.summary().to_dict("records")
+        cpu: dict[int, dict[str, float]] = {}
+        report = sweep_levels(app.base_url, wl, levels, min_requests, label, model=app.model, api_key=app.api_key,
+                              cpu=cpu)
+        return [{**r, **{f"cores {k}": v for k, v in cpu.get(r["concurrency"], {}).items()}}
+                for r in report.summary().to_dict("records")]
     finally:
         app.shutdown()

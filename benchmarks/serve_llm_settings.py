@@ -65,6 +65,10 @@ def _quiet(app: dict) -> None:
     _env(app, RAYLLM_ENABLE_REQUEST_PROMPT_LOGS="0")
 
 
+def _nice0(app: dict) -> None:
+    _env(app, RAY_worker_niceness="0")
+
+
 def _no_engine_metrics(app: dict) -> None:
     _llm(app)["log_engine_metrics"] = False
 
@@ -98,13 +102,20 @@ CANDIDATES: dict[str, tuple[dict[str, Any], Callable[[dict], None] | None, str]]
     "haproxy": ({}, None, "throughput + RAY_SERVE_ENABLE_HA_PROXY=1: Debian's haproxy replaces Serve's Python "
                 "proxy and forwards to the ingress replica's own port (Ray's KubeRay high-throughput mode)"),
     "haproxy+quiet": ({}, _quiet, "haproxy and quiet"),
+    "nice0": ({}, _nice0, "RAY_worker_niceness=0 in the app's runtime_env: its replicas and vLLM's engine process "
+              "run at nice 0 like the bare server, instead of the nice 15 Ray gives every worker"),
+    "haproxy+nice0": ({}, _nice0, "haproxy and nice0"),
+    "haproxy+nice0head": ({}, None, "haproxy, and RAY_worker_niceness=0 in the Ray head's environment: every worker "
+                          "(proxy, HAProxy, controller, replicas, vLLM's engine) at nice 0, not only the app's"),
 }
 # Settings that live in the Ray head's environment (read by Serve's controller and proxies at start):
 # each such candidate gets a Ray head of its own.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # What the vLLM RayService renders (vllm_app.HIGH_THROUGHPUT_ENV), with one HAProxy thread for 2 cores.
 HAPROXY_ENV = {**vllm_app.HIGH_THROUGHPUT_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
-HEAD_ENV: dict[str, dict[str, str]] = {"throughput": THROUGHPUT_ENV, "haproxy": HAPROXY_ENV, "haproxy+quiet": HAPROXY_ENV}
+HEAD_ENV: dict[str, dict[str, str]] = {"throughput": THROUGHPUT_ENV, "haproxy": HAPROXY_ENV, "haproxy+quiet": HAPROXY_ENV,
+                                     "haproxy+nice0": HAPROXY_ENV,
+                                     "haproxy+nice0head": {**HAPROXY_ENV, "RAY_worker_niceness": "0"}}
 __doc__ += "".join(f"\n- `{k}`: {v[2]}" for k, v in CANDIDATES.items())
 
 
