@@ -1,18 +1,19 @@
 """What the Serve app costs and gains over calling the engine directly, measured side by side.
 
-Generated tok/s at concurrency 1, 8, 32 through the Serve app (max_batch_size = the top level), against
-the same engine in-process on static batches of 1, 8, 32 (the limit: no HTTP, no queueing), each at
-every torch thread count of `--torch-threads`: the engine offline with `torch.set_num_threads(t)`, the
-app with `engine.torch_threads=t` and `deployment.num_cpus=t`, so both sides compute with the same
-threads. The app with batching off (max_batch_size 1) runs at the first thread count. Fixed output
-length (ignore_eos), ~30-token prompts. A second table has the cores each kind of process (the replica,
-Serve's proxy and controller, Ray's own processes, this process: the load generator) used at each level.
+Generated tok/s at each concurrency of `--levels` through the Serve app (max_batch_size = the top level),
+against the same engine in this process on static batches of that size (the limit: no HTTP, no queueing),
+at every torch thread count of `--torch-threads`: the engine with `torch.set_num_threads(t)`, the app with
+`engine.torch_threads=t` and `deployment.num_cpus=t`, so both sides compute with the same threads.
 
-The default thread counts are 1 (what a replica gets by default: its CPU allotment) and every core.
-On a machine with few cores the second shows how much the serving processes (proxy, Ray, the load
-generator) take from an engine that wants all of them.
+The two sides are interleaved, not run one after the other: with the app deployed and idle, the engine
+runs a level, then the app, `--repeats` times in alternating order. This machine's speed drifts by a
+quarter over minutes, and both sides then see the same drift and the same idle Ray processes; the table
+has the mean and each repeat's ratio. The app with batching off (max_batch_size 1) runs once, at the
+first thread count. Fixed output length (ignore_eos), ~30-token prompts. A second table has the cores each
+kind of process (the replica, Serve's proxy and controller, Ray's own processes, this process: the load
+generator) used while the app ran each level.
 
-    python benchmarks/serve_vs_engine.py [--levels 1,8,32] [--min-requests 4] [--max-tokens 64] [--torch-threads 1,2]
+    python benchmarks/serve_vs_engine.py [--levels 8,32] [--min-requests 64] [--torch-threads 1,2] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -23,10 +24,39 @@ import sys
 
 import pandas as pd
 
-from bench_common import add_workload_args, engine_limit, levels_of, load_offline_engine, log, sweep_deployed
+from bench_common import (
+    add_workload_args, cpu_by_process, engine_limit, level_workload, levels_of, load_offline_engine, log,
+    sweep_deployed,
+)
 from llmserve_nb import bench
 from llmserve_nb.cluster import connect
 from llmserve_nb.config import AppConfig
+
+
+def interleaved(cluster, engine, cfg, wl: bench.Workload, levels: list[int], min_requests: int,
+                repeats: int) -> list[dict]:
+    """Deploy `cfg`; per level, the engine offline and the app in turns, `repeats` times; summary rows."""
+    app = cluster.deploy(cfg)
+    kw = dict(model=app.model, api_key=app.api_key, progress=False)
+    try:
+        bench.run_benchmark(app.base_url, level_workload(wl, 1, 1), concurrency=1, **kw)  # first request warms up
+        rows = []
+        for c in levels:
+            for i in range(repeats):
+                for side in ("engine", "serve") if i % 2 == 0 else ("serve", "engine"):
+                    if side == "engine":
+                        row = engine_limit(engine, [c], wl, min_requests, "engine")[0]
+                    else:
+                        with cpu_by_process() as cores:
+                            run = bench.run_benchmark(app.base_url, level_workload(wl, c, min_requests), concurrency=c,
+                                                      label="serve", **kw)
+                        row = {**run.summary(), "label": "serve", "concurrency": c,
+                               **{f"cores {k}": v for k, v in cores.items()}}
+                        log(f"serve c={c}: {row['output_tok_per_s']:.1f} tok/s")
+                    rows.append({**row, "repeat": i})
+        return rows
+    finally:
+        app.shutdown()
 
 
 def main(argv=None) -> int:
@@ -34,9 +64,10 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p, level_duration_s=90.0)
-    cores = len(os.sched_getaffinity(0))
-    p.add_argument("--torch-threads", default=",".join(dict.fromkeys(["1", str(cores)])),
+    ncores = len(os.sched_getaffinity(0))
+    p.add_argument("--torch-threads", default=",".join(dict.fromkeys(["1", str(ncores)])),
                    help="comma list of torch thread counts, each for both the engine offline and the app")
+    p.add_argument("--repeats", type=int, default=3, help="engine and app turns per level")
     args = p.parse_args(argv)
     levels = levels_of(args)
     threads = [int(t) for t in args.torch_threads.split(",") if t.strip()]
@@ -44,18 +75,17 @@ def main(argv=None) -> int:
                         timeout_s=args.timeout)
 
     engine = load_offline_engine()
-    rows = []
-    for t in threads:
-        torch.set_num_threads(t)
-        rows += [{**r, "threads": t} for r in engine_limit(engine, levels, wl, args.min_requests, "engine")]
-    del engine
-    gc.collect()  # the replica loads its own copy; two on 2 cores would only compete for memory
     cluster = connect()
+    rows = []
     try:
         base = AppConfig().with_overrides(**{"batching.max_batch_size": max(levels)})
         for t in threads:
+            torch.set_num_threads(t)
             cfg = base.with_overrides(**{"engine.torch_threads": t, "deployment.num_cpus": t})
-            rows += [{**r, "threads": t} for r in sweep_deployed(cluster, cfg, wl, levels, args.min_requests, "serve")]
+            rows += [{**r, "threads": t}
+                     for r in interleaved(cluster, engine, cfg, wl, levels, args.min_requests, args.repeats)]
+        del engine
+        gc.collect()
         off = base.with_overrides(**{"batching.max_batch_size": 1, "engine.torch_threads": threads[0],
                                      "deployment.num_cpus": threads[0]})
         rows += [{**r, "threads": threads[0]}
@@ -63,18 +93,25 @@ def main(argv=None) -> int:
     finally:
         cluster.shutdown()
 
-    tps = pd.DataFrame(rows).pivot_table(index=["threads", "concurrency"], columns="label", values="output_tok_per_s")
+    df = pd.DataFrame(rows)
+    paired = df[df["label"].isin(["engine", "serve"])].pivot_table(
+        index=["threads", "concurrency", "repeat"], columns="label", values="output_tok_per_s")
+    per_repeat = (paired["serve"] / paired["engine"]).groupby(level=[0, 1])
+    spread = per_repeat.agg(lambda r: f"{r.min():.2f}-{r.max():.2f}")
+    tps = df.pivot_table(index=["threads", "concurrency"], columns="label", values="output_tok_per_s")
     table = pd.DataFrame({
         "torch threads": tps.index.get_level_values(0),
         "concurrency / batch": tps.index.get_level_values(1),
         "engine tok/s": tps["engine"].values,
         "serve tok/s": tps["serve"].values,
         "serve ÷ engine": (tps["serve"] / tps["engine"]).values,
+        "serve ÷ engine, each repeat": spread.reindex(tps.index).values,
         "serve, batching off tok/s": tps["serve, batching off"].values,
         "serve ÷ batching off": (tps["serve"] / tps["serve, batching off"]).values,
     })
-    serve = pd.DataFrame([r for r in rows if r["label"] == "serve"])
-    cores = serve[["threads", "concurrency", *sorted(c for c in serve.columns if c.startswith("cores "))]]
+    serve = df[df["label"] == "serve"]
+    cores = serve.groupby(["threads", "concurrency"])[sorted(c for c in serve.columns if c.startswith("cores "))] \
+        .mean().round(2).reset_index()
     log("done")
     print(bench.to_markdown(table))
     print("\nCores each kind of process used while the Serve app ran a level (CPU seconds ÷ wall seconds):\n")
