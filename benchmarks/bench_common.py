@@ -95,19 +95,13 @@ def level_workload(wl: bench.Workload, concurrency: int, min_requests: int, per_
 
 
 def sweep_levels(url: str, wl: bench.Workload, levels: list[int], min_requests: int, label: str,
-                 model: str | None = None, api_key: str | None = None, per_user: int = 1,
-                 cpu: dict[int, dict[str, float]] | None = None) -> bench.BenchReport:
-    """`bench.sweep`, with the request count of each level scaled by `level_workload`; `cpu`, when given,
-    gets each level's `cpu_by_process` figures."""
+                 model: str | None = None, api_key: str | None = None, per_user: int = 1) -> bench.BenchReport:
+    """`bench.sweep`, with the request count of each level scaled by `level_workload`."""
     kw = dict(model=model or MODEL_NAME, label=label, api_key=api_key)
     warm = dataclasses.replace(wl, num_requests=1, seed=wl.seed + 1, output_tokens=8, drop_fraction=0.0)
     bench.run_benchmark(url, warm, concurrency=1, progress=False, **kw)
-    runs = []
-    for c in levels:
-        with cpu_by_process() as cores:
-            runs.append(bench.run_benchmark(url, level_workload(wl, c, min_requests, per_user), concurrency=c, **kw))
-        if cpu is not None:
-            cpu[c] = cores
+    runs = [bench.run_benchmark(url, level_workload(wl, c, min_requests, per_user), concurrency=c, **kw)
+            for c in levels]
     return bench.BenchReport(runs)
 
 
@@ -308,21 +302,19 @@ _CPU_KINDS = (("replica", "ServeReplica"), ("proxy", "ProxyActor"), ("controller
 
 
 @contextlib.contextmanager
-def cpu_by_process(extra_roots: tuple[int, ...] = ()):
+def cpu_by_process():
     """Cores each kind of process used while the block ran: Serve's replica, proxy and controller, HAProxy,
     `this process` (the load generator and driver) and `ray system` (raylet, GCS, dashboard, agents).
 
-    Yields a dict that is filled when the block ends. Processes are this one's descendants, plus those of
-    `extra_roots` (a Ray head started apart); a process that starts or ends within the block counts only
-    for the time both samples saw it.
+    Yields a dict that is filled when the block ends. Processes are this one and its descendants (the
+    embedded Ray `connect()` starts); one that starts or ends within the block counts only for the time
+    both samples saw it.
     """
     import psutil
 
     def sample() -> dict[int, tuple[str, float]]:
         me = psutil.Process()
-        procs = {me.pid: me}
-        for root in (me, *(psutil.Process(r) for r in extra_roots if psutil.pid_exists(r))):
-            procs.update({p.pid: p for p in (root, *root.children(recursive=True))})
+        procs = {p.pid: p for p in (me, *me.children(recursive=True))}
         out = {}
         for pid, p in procs.items():
             with contextlib.suppress(psutil.Error):
@@ -385,16 +377,12 @@ def engine_limit(engine, levels: list[int], wl: bench.Workload, min_requests: in
 
 
 def sweep_deployed(cluster, cfg, wl: bench.Workload, levels: list[int], min_requests: int, label: str) -> list[dict]:
-    """Deploy one AppConfig on an in-process cluster handle, sweep it, shut it down; summary rows, each with
-    the cores every kind of process used during its level (`cores <kind>`, from `cpu_by_process`)."""
+    """Deploy one AppConfig on an in-process cluster handle, sweep it, shut it down; summary rows."""
     t0 = time.monotonic()
     app = cluster.deploy(cfg)
     log(f"{label}: deployed in {time.monotonic() - t0:.0f} s at {app.base_url}")
     try:
-        cpu: dict[int, dict[str, float]] = {}
-        report = sweep_levels(app.base_url, wl, levels, min_requests, label, model=app.model, api_key=app.api_key,
-                              cpu=cpu)
-        return [{**r, **{f"cores {k}": v for k, v in cpu.get(r["concurrency"], {}).items()}}
-                for r in report.summary().to_dict("records")]
+        report = sweep_levels(app.base_url, wl, levels, min_requests, label, model=app.model, api_key=app.api_key)
+        return report.summary().to_dict("records")
     finally:
         app.shutdown()

@@ -40,6 +40,7 @@ from bench_common import CACHE, MODEL_NAME, REPO, cpu_info, free_port, log, ray_
 from vllm_peer import vllm_server  # noqa: E402
 
 from llmserve_nb import bench, vllm_app  # noqa: E402
+from llmserve_nb.reliability import probe  # noqa: E402
 
 DEFAULT_VENV = CACHE / "vllm-0.29.0-venv"
 KEY = "bench-" + secrets.token_hex(6)
@@ -144,15 +145,6 @@ def drive(label: str, url: str, api_key: str | None, args) -> list[dict]:
         log(json.dumps(row))
         rows.append(row)
     return rows
-
-
-def wrong_key_status(base_url: str) -> int:
-    """The status a completion with a wrong API key gets: every setting must keep the ingress's key check."""
-    import httpx
-
-    r = httpx.post(f"{base_url}/v1/completions", headers={"Authorization": "Bearer wrong-" + KEY},
-                   json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2}, timeout=60)
-    return r.status_code
 
 
 @contextlib.contextmanager
@@ -282,7 +274,9 @@ def main(argv=None) -> int:
                             app = cluster.deploy(cfg, wait=False)
                             wait_running(app, args.deploy_timeout_s)
                             log(f"{label}: deployed in {time.monotonic() - t:.0f} s")
-                            refused = wrong_key_status(app.base_url)
+                            # Every setting must keep the ingress's key check.
+                            refused = probe(app.base_url, body={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2},
+                                            api_key="wrong-" + KEY)["status"]
                             notes.append(f"{label}: a wrong API key got HTTP {refused}"
                                          + ("" if refused == 401 else " (NOT REFUSED: the key check is bypassed)"))
                             try:

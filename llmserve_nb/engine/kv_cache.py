@@ -59,7 +59,7 @@ class SlabLayer(DynamicLayer):
         return self.end - self.start
 
     def batch_select_indices(self, indices) -> None:
-        raise NotImplementedError("use keep_rows(): a slab compacts rows by moving the last ones into holes")
+        raise NotImplementedError("use move_rows(): a slab compacts rows by moving the last ones into holes")
 
     # ---- what the scheduler does between steps -----------------------------------------------
     def trim_left(self, columns: int) -> None:
