@@ -376,6 +376,52 @@ def engine_limit(engine, levels: list[int], wl: bench.Workload, min_requests: in
     return rows
 
 
+def batcher_limit(engine, levels: list[int], wl: bench.Workload, min_requests: int, label: str) -> list[dict]:
+    """The same engine behind the server's continuous batcher, in this process: at each level c, a closed
+    loop of c asyncio clients (`TransformersEngine.prepare`/`submit`, each streaming its request to the
+    end, then sending its next), no HTTP and no Ray. Between `engine_limit` (static batches) and the
+    Serve app, it tells what continuous batching costs from what the Serve path costs.
+
+    A new batcher (and scheduler thread) per call: OpenMP's thread count belongs to each thread, and
+    torch gives a thread its global `set_num_threads` value once, at its first parallel op.
+    """
+    import asyncio
+
+    from llmserve_nb.config import EngineConfig
+    from llmserve_nb.engine import GenerationRequest, TransformersEngine
+
+    served = TransformersEngine(EngineConfig(max_num_seqs=max(levels)), model=engine)
+
+    async def closed_loop(reqs: list[GenerationRequest], c: int) -> tuple[int, int, float]:
+        todo = list(reversed(reqs))
+        tokens = done = 0
+
+        async def user() -> None:
+            nonlocal tokens, done
+            while todo:
+                [stream] = served.submit([await served.prepare(todo.pop())])
+                async for out in stream:
+                    if out.result is not None:
+                        tokens += out.result.completion_tokens
+                        done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(c)))
+        return tokens, done, time.perf_counter() - t0
+
+    rows = []
+    for c in levels:
+        lw = level_workload(wl, c, min_requests)
+        reqs = [GenerationRequest(prompt=p, max_tokens=n_out, ignore_eos=wl.ignore_eos) for p, _, n_out in lw.items()]
+        asyncio.run(closed_loop([dataclasses.replace(r, max_tokens=8, ignore_eos=True) for r in reqs[:c]], c))
+        tokens, done, dur = asyncio.run(closed_loop(reqs, c))
+        rows.append({"label": label, "concurrency": c, "requests": len(reqs), "completed": done,
+                     "errors": len(reqs) - done, "incomplete": 0, "dropped": 0, "duration_s": dur,
+                     "output_tok_per_s": tokens / dur, "mean_output_tokens": tokens / max(done, 1)})
+        log(f"{label} c={c}: {tokens / dur:.1f} tok/s")
+    return rows
+
+
 def sweep_deployed(cluster, cfg, wl: bench.Workload, levels: list[int], min_requests: int, label: str) -> list[dict]:
     """Deploy one AppConfig on an in-process cluster handle, sweep it, shut it down; summary rows."""
     t0 = time.monotonic()

@@ -54,6 +54,12 @@ class EngineConfig(_Strict):
         description="CPU threads for torch in each replica. None = the replica's CPU allotment "
         "(deployment.num_cpus, at least 1), so replicas sharing a node do not oversubscribe its cores.",
     )
+    cpu_linear: Literal["onednn", "torch"] = Field(
+        "onednn",
+        description="The transformers engine on CPU: 'onednn' prepacks every Linear weight for oneDNN at load "
+        "(a decode step 1.75-1.9x faster on a 2-core AVX-512 machine, same products to fp32 rounding; falls "
+        "back to 'torch' where the dtype is unsupported); 'torch' keeps nn.Linear (MKL). Ignored on GPU.",
+    )
     cache_dir: str | None = Field(None, description="Where the converted safetensors copy of a GGUF lives.")
     trust_remote_code: bool = False
     engine_kwargs: dict[str, Any] = Field(
@@ -204,7 +210,8 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _consistency(self) -> AppConfig:
         mor = self.deployment.max_ongoing_requests
-        if mor is not None and mor < self.batching.max_batch_size:
+        # Only our engine forms admission batches; vLLM batches inside its engine and ignores `batching`.
+        if mor is not None and self.engine.backend == "transformers" and mor < self.batching.max_batch_size:
             raise ValueError(
                 f"deployment.max_ongoing_requests ({mor}) is below batching.max_batch_size "
                 f"({self.batching.max_batch_size}): a replica could never fill a batch"

@@ -217,3 +217,47 @@ def test_a_vanishing_top_p_keeps_the_top_token(engine):
     """Regression (schemathesis): top_p=5e-324 is 0 in float32, every token was cut and sampling raised."""
     (r,) = engine.generate([Req(prompt="^\U000d4c12", max_tokens=4, temperature=1.0, top_p=5e-324, seed=1)])
     assert r.completion_tokens >= 1
+
+
+def test_packed_linears_compute_what_nn_linear_computes():
+    """`pack_linears` replaces every nn.Linear, nested or not, with or without bias, and the products agree
+    for any leading shape (a decode step's rows, a prefill's rows x positions)."""
+    import torch
+
+    from llmserve_nb.engine.cpu_linear import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(),
+                                torch.nn.Sequential(torch.nn.Linear(96, 32, bias=False)))
+    xs = [torch.randn(1, 64), torch.randn(7, 64), torch.randn(3, 5, 64)]
+    with torch.inference_mode():
+        want = [model(x) for x in xs]
+    assert pack_linears(model) == (2, None)
+    assert isinstance(model[0], PackedLinear) and isinstance(model[2][0], PackedLinear)
+    with torch.inference_mode():
+        for x, w in zip(xs, want):
+            torch.testing.assert_close(model(x), w, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_leaves_the_model_alone_when_onednn_refuses(monkeypatch):
+    import torch
+
+    from llmserve_nb.engine import cpu_linear
+
+    class Refusing(cpu_linear.PackedLinear):
+        def __init__(self, linear):
+            raise RuntimeError("mkldnn_reorder_linear_weight: this dtype needs a CPU feature\nmore")
+
+    monkeypatch.setattr(cpu_linear, "PackedLinear", Refusing)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    count, why = cpu_linear.pack_linears(model)
+    assert count == 0 and "unavailable" in why and "more" not in why
+    assert type(model[0]) is torch.nn.Linear
+
+
+def test_onednn_linears_give_the_same_greedy_text_as_torch_linears(engine):
+    """The default engine (oneDNN) against one loaded with `cpu_linear="torch"`: same greedy answers, batched."""
+    assert engine.load_timings["cpu_linear"].startswith("onednn")
+    plain = load_engine(EngineConfig(cpu_linear="torch"))
+    assert plain.load_timings["cpu_linear"] == "torch"
+    assert [r.text for r in engine.generate(MIXED)] == [r.text for r in plain.generate(MIXED)]

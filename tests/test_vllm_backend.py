@@ -116,6 +116,13 @@ def test_overrides_land_under_llmserver_model_id_and_replace_the_1e9_defaults():
     assert vllm_app.llm_server_deployment_name("org/My.Model") == "LLMServer:org--My_Model"
 
 
+def test_a_small_max_ongoing_requests_is_not_checked_against_batching_it_does_not_use():
+    """Regression: max_ongoing_requests=2 was refused with "below batching.max_batch_size (8)", a setting
+    the vLLM app ignores (vLLM batches inside its engine)."""
+    deps = entries(rendered(vllm_config(deployment=DeploymentConfig(max_ongoing_requests=2))))
+    assert deps["LLMServer:Qwen2_5-0_5B-Instruct"]["max_ongoing_requests"] == 2
+
+
 def test_autoscaling_goes_to_the_llmserver_entry():
     cfg = vllm_config(deployment=DeploymentConfig(autoscaling=AutoscalingConfig(min_replicas=0, max_replicas=3)))
     deps = entries(rendered(cfg))

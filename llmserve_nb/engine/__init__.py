@@ -3,7 +3,8 @@
 `protocol` is all the server may use: prepare → submit → an async stream of outputs, `abort`,
 `check_health`, `stats`. `TransformersEngine` implements it with `HFEngine` (the transformers model
 and its decode step) and `ContinuousBatcher` (the scheduler thread); `loading` finds, converts and
-places the model; `detokenizer` turns ids into streamable text.
+places the model; `cpu_linear` runs its Linear layers on oneDNN on CPU; `detokenizer` turns ids into
+streamable text.
 """
 from llmserve_nb.engine.hf import HFEngine
 from llmserve_nb.engine.loading import embedded_model_path, local_model_dir, pick_device_dtype

@@ -86,6 +86,7 @@ class HFEngine:
         if getattr(model, "hf_device_map", None) is None:
             model = model.to(self.device)
         self.model = model.eval()
+        self.cpu_linear = self._pack_cpu_linears() if self.device == "cpu" else "n/a (GPU)"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
@@ -97,8 +98,22 @@ class HFEngine:
         self.max_model_len = min(cfg.max_model_len, getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.load_timings["total_load_s"] = time.perf_counter() - t0
         self.load_timings.update(device=self.device, dtype=str(self.dtype).removeprefix("torch."),
-                                 torch_threads=self.num_threads)
+                                 torch_threads=self.num_threads, cpu_linear=self.cpu_linear)
         log.info("loaded %s on %s/%s in %.1fs", self.model_name, self.device, self.dtype, self.load_timings["total_load_s"])
+
+    def _pack_cpu_linears(self) -> str:
+        """`cfg.cpu_linear` applied: what the model's Linear layers run on, and why when it is not oneDNN."""
+        if self.cfg.cpu_linear == "torch":
+            return "torch"
+        from llmserve_nb.engine.cpu_linear import pack_linears
+
+        t0 = time.perf_counter()
+        packed, why_not = pack_linears(self.model)
+        if why_not:
+            log.warning("Linear layers stay on torch's nn.Linear: %s", why_not)
+            return f"torch ({why_not})"
+        self.load_timings["cpu_linear_pack_s"] = time.perf_counter() - t0
+        return f"onednn ({packed} layers)"
 
     # ---- prompts ---------------------------------------------------------------------------
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
