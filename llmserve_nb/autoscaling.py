@@ -84,18 +84,20 @@ def scale_up_run(cluster, config, *, concurrency: int = 24, seconds: float = 60.
     }
 
 
-POLICY_COLUMNS = ("scale_up_s", "ttft_ms_p50", "ttft_ms_p99", "output_tok_per_s", "completed", "errors")
+POLICY_COLUMNS = ("scale_up_decided_s", "scale_up_s", "ttft_ms_p50", "ttft_ms_p99", "output_tok_per_s", "completed", "errors")
 
 
 def policy_comparison(runs: dict[str, dict[str, Any]]):
     """One row per policy from load-run summaries on the same load (`ServeTuner.last_load`, or
-    `scale_up_run`'s report, whose `second_replica_running_s` is the scale-up time): seconds until a
-    replica was added, TTFT percentiles, useful tokens/s and the request outcome."""
+    `scale_up_run`'s report, with `target_rose_s` and `second_replica_running_s`): seconds until Serve decided
+    to add a replica and until it ran, TTFT percentiles, useful tokens/s and the request outcome."""
     import pandas as pd
 
     rows = []
     for policy, run in runs.items():
         row = {"policy": policy, **{k: run.get(k) for k in POLICY_COLUMNS}}
+        if row["scale_up_decided_s"] is None:
+            row["scale_up_decided_s"] = run.get("target_rose_s")
         if row["scale_up_s"] is None:
             row["scale_up_s"] = run.get("second_replica_running_s")
         rows.append(row)

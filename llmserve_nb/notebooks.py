@@ -80,8 +80,23 @@ def read_results(path: str | Path, tag: str = RESULTS_TAG) -> dict[str, Any]:
     return found
 
 
+def unreadable_parameters(source: str) -> list[str]:
+    """Names a parameters cell assigns that papermill's inference cannot read (it skips any line with a
+    second `=`, in a comment too): `papermill --help-notebook` leaves them out, and every run passing them
+    warns "Passed unknown parameter" although they are applied."""
+    import ast
+
+    from papermill.translators import PythonTranslator
+
+    assigned = [t.id for node in ast.parse(source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+    read = {p.name for p in PythonTranslator.inspect({"source": source})}
+    return [name for name in assigned if name not in read]
+
+
 def check_clean(paths: list[Path] | None = None) -> list[str]:
-    """Problems that must not be committed: outputs, execution counts, no `parameters` cell first."""
+    """Problems that must not be committed: outputs, execution counts, no `parameters` cell first, parameters
+    papermill cannot read."""
     import nbformat
 
     problems = []
@@ -90,6 +105,9 @@ def check_clean(paths: list[Path] | None = None) -> list[str]:
         code = [c for c in nb.cells if c.cell_type == "code"]
         if not code or "parameters" not in code[0].metadata.get("tags", []):
             problems.append(f"{path.name}: the first code cell must be tagged 'parameters' (papermill)")
+        elif hidden := unreadable_parameters(code[0].source):
+            problems.append(f"{path.name}: papermill cannot read the parameters {', '.join(hidden)}: a line of the "
+                            "parameters cell may hold one '=' only, its comment included")
         for i, c in enumerate(code):
             if c.get("outputs") or c.get("execution_count") is not None:
                 problems.append(f"{path.name}: code cell {i} has outputs/execution count; clear them before committing")

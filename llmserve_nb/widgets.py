@@ -24,7 +24,7 @@ from __future__ import annotations
 import html
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import ipywidgets as W
 
@@ -32,7 +32,7 @@ from llmserve_nb.cluster import AppHandle, ClusterError
 from llmserve_nb.config import DEPLOYMENT_NAME, AutoscalingConfig, ConfigError
 from llmserve_nb.vllm_app import llm_server_deployment_name
 
-__all__ = ["ServeTuner", "VLLM_BATCHING_NOTE"]
+__all__ = ["ReplicaSample", "ServeTuner", "VLLM_BATCHING_NOTE"]
 
 BATCHING_KNOBS = ("max_batch_size", "batch_wait_timeout_s")
 VLLM_BATCHING_NOTE = (
@@ -43,8 +43,19 @@ VLLM_BATCHING_NOTE = (
 )
 
 
+class ReplicaSample(NamedTuple):
+    """One point of `ServeTuner.history`. `target` is Serve's decision (its target replica count), `running`
+    what serves: their gap is a replica's start-up, tens of seconds for a vLLM engine on a busy CPU."""
+
+    t: float
+    running: int
+    ongoing: int
+    target: int | None
+
+
 class ServeTuner:
-    """Sliders + Apply for one app; `history` records (seconds, running replicas, ongoing load)."""
+    """Sliders + Apply for one app; `history` records `ReplicaSample`s (seconds, running and target
+    replicas, ongoing load)."""
 
     def __init__(self, app: AppHandle, max_replicas_limit: int = 8):
         self.app = app
@@ -99,8 +110,9 @@ class ServeTuner:
         self.max_batch_size.add_class("llmserve-max-batch-size")
         self.max_batch_size.disabled = self.batch_wait_timeout_s.disabled = not self.live_batching
         self.notes: list[str] = []  # what the tuner declined to do, and why (headless runs read it)
-        self.history: list[tuple[float, int, int]] = []
-        # The last load run: llmserve_nb.bench's summary plus the policy it ran under and `scale_up_s`.
+        self.history: list[ReplicaSample] = []
+        # The last load run: llmserve_nb.bench's summary plus the policy it ran under, `scale_up_decided_s`
+        # and `scale_up_s`.
         self.last_load: dict[str, Any] | None = None
         self._t0 = time.monotonic()
         self._load_thread: threading.Thread | None = None
@@ -257,13 +269,16 @@ class ServeTuner:
         if "error" in outcome:
             raise outcome["error"]
         auto = self.app.config.deployment.autoscaling
+        samples = self.history[first:]
         return {**outcome["run"].summary(), "policy": auto.policy if auto else None,
-                "scale_up_s": _scale_up_s(self.history[first:])}
+                "scale_up_decided_s": _scale_up_s(samples, "target"), "scale_up_s": _scale_up_s(samples, "running")}
 
     def _sample(self, ongoing: int) -> int:
         st = self.app.status()
-        running = st["deployments"].get(self.deployment, {}).get("replica_states", []).count("RUNNING")
-        self.history.append((round(time.monotonic() - self._t0, 1), running, ongoing))
+        dep = st["deployments"].get(self.deployment, {})
+        running = dep.get("replica_states", []).count("RUNNING")
+        self.history.append(ReplicaSample(round(time.monotonic() - self._t0, 1), running, ongoing,
+                                          dep.get("target_replicas")))
         self.refresh(status=st)
         return running
 
@@ -316,13 +331,16 @@ class ServeTuner:
 
     # ---- display -------------------------------------------------------------------------
     def plot_history(self, ax=None):
-        """Running replicas and ongoing requests over time."""
+        """Running and target replicas and ongoing requests over time."""
         import matplotlib.pyplot as plt
 
         ax = ax or plt.subplots(figsize=(7, 3))[1]
         if self.history:
-            t, replicas, ongoing = zip(*self.history)
+            t, replicas, ongoing, target = zip(*self.history)
+            ax.step(t, [float("nan") if n is None else n for n in target], where="post", label="target replicas (Serve)",
+                    color="tab:gray", linestyle="--")
             ax.step(t, replicas, where="post", label="running replicas", color="tab:blue")
+            ax.legend(loc="upper left", fontsize="small")
             ax2 = ax.twinx()
             ax2.plot(t, ongoing, color="tab:orange", alpha=0.6, label="requests in flight")
             ax2.set_ylabel("requests in flight")
@@ -349,12 +367,13 @@ class ServeTuner:
         display(self.widget)
 
 
-def _scale_up_s(samples: list[tuple[float, int, int]]) -> float | None:
-    """Seconds from the first sample to the first one with more running replicas, or None."""
-    if not samples:
+def _scale_up_s(samples: list[ReplicaSample], field: str) -> float | None:
+    """Seconds from the first sample to the first whose `field` (running or target replicas) exceeds the
+    first sample's, or None."""
+    if not samples or getattr(samples[0], field) is None:
         return None
-    t0, start = samples[0][0], samples[0][1]
-    return next((round(t - t0, 1) for t, running, _ in samples if running > start), None)
+    t0, start = samples[0].t, getattr(samples[0], field)
+    return next((round(s.t - t0, 1) for s in samples if (getattr(s, field) or 0) > start), None)
 
 
 def _summary(cfg) -> str:

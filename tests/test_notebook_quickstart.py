@@ -10,8 +10,17 @@ from llmserve_nb.notebooks import check_clean, read_results, run_notebook
 
 
 def test_committed_notebooks_are_clean():
-    """nbdev-style gate: no stale outputs in git, and papermill's `parameters` cell comes first."""
+    """nbdev-style gate: no stale outputs in git, papermill's `parameters` cell first, every parameter readable."""
     assert check_clean() == []
+
+
+def test_a_second_equals_sign_hides_a_parameter_from_papermill():
+    """Regression: comments such as `# None = the same host` made papermill drop 20 documented parameters
+    (`address`, `token`...) from --help-notebook and warn "Passed unknown parameter" on every run."""
+    from llmserve_nb.notebooks import unreadable_parameters
+
+    src = 'a = 1  # the first\nb = None  # None = the default\nc: int = 3  # with x="y": this\nd = {"k": 1}\n'
+    assert unreadable_parameters(src) == ["b", "c"]
 
 
 @pytest.fixture(scope="module")

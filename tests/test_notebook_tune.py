@@ -14,7 +14,7 @@ def test_tune_notebook_scales_up_and_down(tmp_path):
     res = read_results(out)
     assert res["replica_kept_on_reconfigure"] is True
     assert res["batching_after_apply"]["max_batch_size"] == 4
-    assert res["max_replicas_seen"] == 2, res["history"]
+    assert res["max_replicas_seen"] == 2 and res["max_target_seen"] == 2, res["history"]
     assert res["replicas_after_load"] == 1, res["history"]
     assert res["load"]["completed"] > 0 and res["load"]["errors"] == 0, res["load"]
     assert res["monitor"]["updates"] > 0 and not res["monitor"]["error"], res["monitor"]
@@ -22,5 +22,7 @@ def test_tune_notebook_scales_up_and_down(tmp_path):
     assert set(policies) == {"ongoing_requests", "llm"}
     # A TTFT target no replica meets on 2 cores: the llm policy must have added the second replica.
     assert policies["llm"]["scale_up_s"] is not None, res["history"]
+    # Serve decides before the replica serves: the decision is seen first, or in the same sample.
+    assert policies["llm"]["scale_up_decided_s"] <= policies["llm"]["scale_up_s"], res["policies"]
     assert policies["llm"]["errors"] == 0 and policies["llm"]["completed"] > 0
     assert 0 < policies["llm"]["ttft_ms_p50"] <= policies["llm"]["ttft_ms_p99"]

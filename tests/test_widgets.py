@@ -44,8 +44,8 @@ def test_apply_button_reconfigures_the_running_replica(app):
 def test_load_runs_in_the_background_and_records_history(app):
     t = ServeTuner(app)
     t.run_load(concurrency=2, seconds=3, wait=True, max_tokens=8)
-    assert t.history and all(replicas == 1 for _, replicas, _ in t.history)
-    assert max(ongoing for _, _, ongoing in t.history) >= 1
+    assert t.history and all(s.running == 1 and s.target == 1 for s in t.history)
+    assert max(s.ongoing for s in t.history) >= 1
     assert "load done:" in t.load_status.value and "errors" not in t.load_status.value
     assert "color:#b00" not in t.load_status.value
     assert t.last_load["completed"] > 0 and t.last_load["errors"] == 0, t.last_load
@@ -114,7 +114,7 @@ def test_vllm_app_disables_batching_with_a_note_and_keeps_autoscaling():
     assert "not adjustable on a vLLM app" in t.batching_note.value and "max_num_seqs=16" in t.batching_note.value
     # The replica history and status line read the LLMServer deployment, not the transformers one.
     assert "1 running / target 1" in t.status.value and "vLLM engine" in t.status.value
-    assert t.wait_for_replicas(1, timeout_s=1) == 1 and t.history[-1][1] == 1
+    assert t.wait_for_replicas(1, timeout_s=1) == 1 and t.history[-1].running == 1
     # A batching change is declined with the note, not an error; autoscaling changes go through.
     t.set(max_batch_size=3, autoscaling=True, replicas=(1, 3), target_ongoing_requests=4.0)
     assert t.max_batch_size.value == cfg.batching.max_batch_size and "max_batch_size=3 ignored" in t.notes[0]
