@@ -329,6 +329,11 @@ class ServeTuner:
             self._show(f"<i>policy {html.escape(current.policy)} → {html.escape(self.policy.value)}: Apply restarts "
                        "the replicas (Serve hashes the policy into the code version); targets change in place</i>")
 
+    def replica_peaks(self) -> dict[str, int]:
+        """The most replicas `history` saw running, and the highest target Serve set."""
+        return {"max_replicas_seen": max((s.running for s in self.history), default=0),
+                "max_target_seen": max((s.target or 0 for s in self.history), default=0)}
+
     # ---- display -------------------------------------------------------------------------
     def plot_history(self, ax=None):
         """Running and target replicas and ongoing requests over time."""
