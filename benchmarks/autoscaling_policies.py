@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import llmserve_nb as lsnb
-from llmserve_nb.autoscaling import scale_up_run
+from llmserve_nb.experiments.autoscaling import scale_up_run
 from llmserve_nb.bench import to_markdown
 
 

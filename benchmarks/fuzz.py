@@ -21,7 +21,7 @@ import secrets
 import sys
 import time
 
-from llmserve_nb.reliability import fuzz_openapi
+from llmserve_nb.experiments.reliability import fuzz_openapi
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ import math
 import sys
 
 from llmserve_nb import AppConfig, connect
-from llmserve_nb import reliability as rel
+from llmserve_nb.experiments import reliability as rel
 from llmserve_nb.bench import Workload
 
 COLUMNS = ["kind", "sent", "accepted", "succeeded", "failed", "failed_by_kind", "hung", "cut_at_end", "recovery_s",

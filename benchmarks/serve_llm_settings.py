@@ -2,7 +2,7 @@
 
 One run, back to back on the same machine: the bare vLLM server (same vLLM release, the venv of
 `llmserve-nb vllm-env`; same model dir, `llmserve_nb.engine.local_model_dir()`; same dtype; `--enforce-eager`
-on both sides), then `AppConfig(engine=EngineConfig(backend="vllm"))` rendered by `llmserve_nb.vllm_app` under
+on both sides), then `AppConfig(engine=EngineConfig(backend="vllm"))` rendered by `llmserve_nb.backends.vllm.render` under
 a few candidate settings, each deployed in turn on one Ray head started from that venv, then the bare server
 once more (the ratios use the mean of its two runs, which brackets the drift of a shared machine).
 
@@ -40,7 +40,7 @@ from bench_common import CACHE, MODEL_NAME, REPO, cpu_info, free_port, log, ray_
 from vllm_peer import vllm_server  # noqa: E402
 
 from llmserve_nb import bench, vllm_app  # noqa: E402
-from llmserve_nb.reliability import probe  # noqa: E402
+from llmserve_nb.experiments.reliability import probe  # noqa: E402
 
 DEFAULT_VENV = CACHE / "vllm-0.29.0-venv"
 KEY = "bench-" + secrets.token_hex(6)

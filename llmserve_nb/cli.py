@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-_COMMAND_MODULES = ("llmserve_nb.k8s", "llmserve_nb.bench", "llmserve_nb.notebooks", "llmserve_nb.vllm_env")
+_COMMAND_MODULES = ("llmserve_nb.k8s", "llmserve_nb.bench", "llmserve_nb.notebooks", "llmserve_nb.backends.vllm.env")
 
 
 def main(argv: list[str] | None = None) -> int:

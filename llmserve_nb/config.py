@@ -12,9 +12,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-IMPORT_PATH = "llmserve_nb.serve_app:build_app"
+IMPORT_PATH = "llmserve_nb.server.app:build_app"
 VLLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"  # backend="vllm": Ray Serve LLM's own app builder
-LLM_POLICY = "llmserve_nb.autoscaling:llm_policy"
+LLM_POLICY = "llmserve_nb.server.autoscaling_policy:llm_policy"
 DEPLOYMENT_NAME = "LLMServer"
 EMBEDDED_MODEL = "smollm2"
 
@@ -105,7 +105,7 @@ class AutoscalingConfig(_Strict):
     policy: Literal["ongoing_requests", "llm"] = Field(
         "ongoing_requests",
         description="'ongoing_requests': Serve's default (target_ongoing_requests per replica). 'llm': "
-        "llmserve_nb.autoscaling.llm_policy, on requests waiting for a decode slot and time to first token "
+        "llmserve_nb.server.autoscaling_policy.llm_policy, on requests waiting for a decode slot and time to first token "
         "against the two targets below. Switching policy restarts replicas (Serve hashes the policy into the "
         "code version); the targets change in place.",
     )
@@ -292,7 +292,7 @@ class AppConfig(_Strict):
     def to_application(self) -> dict[str, Any]:
         """One entry of `applications:` in a Serve deploy config (and of a RayService serveConfigV2)."""
         if self.engine.backend == "vllm":
-            from llmserve_nb.vllm_app import vllm_application
+            from llmserve_nb.backends.vllm.render import vllm_application
 
             return vllm_application(self)
         app: dict[str, Any] = {
@@ -367,7 +367,7 @@ def config_of_application(app: dict[str, Any]) -> AppConfig:
     name), the `deployments:` entry (batching as user_config, replicas, limits, resources) and the
     application's route prefix and runtime_env."""
     if app.get("import_path") == VLLM_IMPORT_PATH:
-        from llmserve_nb.vllm_app import config_of_vllm_application
+        from llmserve_nb.backends.vllm.render import config_of_vllm_application
 
         return config_of_vllm_application(app)
     if app.get("import_path") != IMPORT_PATH:

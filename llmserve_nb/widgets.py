@@ -14,7 +14,7 @@ with a note saying so, `set()` of a batching knob is ignored with the same note,
 controls and the replica history work on its `LLMServer:<model_id>` deployment.
 
 Autoscaling has two policies (`AutoscalingConfig.policy`): Serve's default keeps `target_ongoing_requests`
-per replica; "llm" (`llmserve_nb.autoscaling`) keeps requests waiting and p90 time to first token at their
+per replica; "llm" (`llmserve_nb.server.autoscaling_policy`) keeps requests waiting and p90 time to first token at their
 targets. The targets of either change in place; switching the policy itself restarts the replicas (Serve
 hashes the policy into the code version), which the status line says before Apply. vLLM apps have Serve's
 default policy only.
@@ -30,7 +30,7 @@ import ipywidgets as W
 
 from llmserve_nb.cluster import AppHandle, ClusterError
 from llmserve_nb.config import DEPLOYMENT_NAME, AutoscalingConfig, ConfigError
-from llmserve_nb.vllm_app import llm_server_deployment_name
+from llmserve_nb.backends.vllm.render import llm_server_deployment_name
 
 __all__ = ["ReplicaSample", "ServeTuner", "VLLM_BATCHING_NOTE"]
 

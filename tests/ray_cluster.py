@@ -27,7 +27,7 @@ import httpx
 import psutil
 
 from llmserve_nb.cluster import ClusterError
-from llmserve_nb.cluster_autoscaling import cluster_processes, stop_processes
+from llmserve_nb.experiments.cluster_autoscaling import cluster_processes, stop_processes
 
 HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 WORKER_RESOURCE = "node2"

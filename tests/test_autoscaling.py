@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmserve_nb import AppConfig
-from llmserve_nb.autoscaling import PRESSURE_METRIC, llm_policy
+from llmserve_nb.server.autoscaling_policy import PRESSURE_METRIC, llm_policy
 from llmserve_nb.config import LLM_POLICY, config_of_application
 
 
@@ -47,7 +47,7 @@ def test_policy_renders_as_a_serve_policy_and_targets_as_user_config():
 
 
 def test_policy_comparison_reads_tuner_and_benchmark_runs_alike():
-    from llmserve_nb.autoscaling import policy_comparison
+    from llmserve_nb.experiments.autoscaling import policy_comparison
 
     tuner_run = {"scale_up_s": 7.5, "ttft_ms_p50": 300.0, "ttft_ms_p99": 900.0, "output_tok_per_s": 80.0,
                  "completed": 40, "errors": 0}

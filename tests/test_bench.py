@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from llmserve_nb import bench
 from llmserve_nb.bench import BenchRun, RequestResult, Workload
-from llmserve_nb.bench.metrics import _percentile
+from llmserve_nb.bench.results import _percentile
 
 TTFT = 0.15  # the fake server's delay before the first chunk
 GAP = 0.05  # between chunks

@@ -37,7 +37,7 @@ def _tuner_notebook(path: Path) -> None:
     code = [c for c in nb.cells if c.cell_type == "code"]
     tuner_at = next(i for i, c in enumerate(code) if c.source.startswith("tuner = ServeTuner"))
     nb.cells = code[: tuner_at + 1] + [nbformat.v4.new_code_cell(
-        "from llmserve_nb.monitor import LiveMonitor\n"
+        "from llmserve_nb.observability.monitor import LiveMonitor\n"
         "monitor = LiveMonitor.for_app(app, interval_s=1.0, duration_s=180).start()"
     )]
     nbformat.write(nb, str(path))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmserve_nb.cluster import ClusterError
-from llmserve_nb.cluster_autoscaling import (
+from llmserve_nb.experiments.cluster_autoscaling import (
     HEAD_NODE_TYPE,
     WORKER_NODE_TYPE,
     LocalAutoscalingCluster,

@@ -113,7 +113,7 @@ def test_bad_file_is_a_clear_error(tmp_path):
 
 
 def test_build_app_takes_serve_run_style_dotted_args():
-    from llmserve_nb.serve_app import build_app
+    from llmserve_nb.server.app import build_app
 
     app = build_app({"batching.max_batch_size": "4", "deployment.num_replicas": "2", "name": "x"})
     dep = app._bound_deployment
@@ -136,7 +136,7 @@ def test_config_of_a_deployed_application_round_trips():
         "deployment.request_timeout_s": 30,
     })
     assert config_of_application(pinned.to_application()) == pinned
-    with pytest.raises(ConfigError, match="not llmserve_nb.serve_app:build_app"):
+    with pytest.raises(ConfigError, match="not llmserve_nb.server.app:build_app"):
         config_of_application({"name": "other", "import_path": "somebody.else:app"})
 
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the live app (schemathesis 4, through `llmserve_nb.reliability.fuzz_openapi`).
+"""Property-based fuzzing of the live app (schemathesis 4, through `llmserve_nb.experiments.reliability.fuzz_openapi`).
 
 Every operation of the app's `/openapi.json` gets generated requests, valid ("positive") and invalid
 ("negative"), sent with the API key. Each answer must not be a 5xx and must conform to the document:
@@ -30,7 +30,7 @@ def fuzz_app(request):
 
 @pytest.mark.ray
 def test_fuzz_openapi_no_5xx_and_responses_match_the_document(fuzz_app):
-    from llmserve_nb.reliability import fuzz_openapi
+    from llmserve_nb.experiments.reliability import fuzz_openapi
 
     report = fuzz_openapi(fuzz_app.base_url, api_key=API_KEY, max_examples=EXAMPLES, seed=0)
     print("FUZZ", json.dumps(report, sort_keys=True))
@@ -96,7 +96,7 @@ def test_a_body_that_cannot_be_parsed_gets_the_documented_error_shape():
     `install_error_handling` does not map), not the documented `ErrorResponse` `{"error": {...}}`."""
     from fastapi.testclient import TestClient
 
-    from llmserve_nb.serve_app import api
+    from llmserve_nb.server.app import api
 
     client = TestClient(api)
     for path in ("/v1/chat/completions", "/v1/completions", "/generate"):
@@ -109,7 +109,7 @@ def test_the_event_stream_is_documented_per_event():
     """Finding (positive mode, stream=true): every SSE event "violates schema": before OpenAPI 3.2 a
     text/event-stream `schema` describes one event (an object with `data`), and the document says
     `{"type": "string"}`. Reproduce: any chat completion with `"stream": true`."""
-    from llmserve_nb.serve_app import api
+    from llmserve_nb.server.app import api
 
     doc = api.openapi()
     assert doc["openapi"].startswith("3.1")

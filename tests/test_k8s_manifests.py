@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmserve_nb import k8s, vllm_app
+from llmserve_nb import k8s
+from llmserve_nb.backends.vllm import render as vllm_app
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -239,7 +240,7 @@ def test_readme_documents_rotation_and_the_ray_token_secret():
 
 
 def test_pods_get_the_api_key_under_the_name_serve_app_reads(rendered):
-    from llmserve_nb.serve_app import API_KEY_ENV
+    from llmserve_nb.server.app import API_KEY_ENV
 
     head = rendered["base/rayservice-gpu.yaml"][0]["spec"]["rayClusterConfig"]["headGroupSpec"]
     env = head["template"]["spec"]["containers"][0]["env"]

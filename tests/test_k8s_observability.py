@@ -1,6 +1,6 @@
 """k8s/observability/: PodMonitors on Ray's metrics port, PrometheusRule alerts that promtool accepts and that
 follow the backend each app selects, the Grafana dashboard (JSON == ConfigMap), and `all_promql_expressions()`
-naming only metrics the app (llmserve_nb.metrics), vLLM or Ray 2.60's Serve export.
+naming only metrics the app (llmserve_nb.observability.promql), vLLM or Ray 2.60's Serve export.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import yaml
 from llmserve_nb import k8s
 from llmserve_nb.config import EngineConfig
 from llmserve_nb.k8s.observability import ENGINE_PREFIX, VLLM_METRICS
-from llmserve_nb.metrics import METRIC_NAMES
+from llmserve_nb.observability.promql import METRIC_NAMES
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
 _needs_promtool = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""llmserve_nb.kuberay against a FAKE Kubernetes API server.
+"""llmserve_nb.cluster.kuberay against a FAKE Kubernetes API server.
 
 The server is kmock's `KubernetesEmulator`: a stateful fake of the API server that stores the objects we
 create and answers get/list/patch/status over real HTTP, driven by the real `kubernetes` client. It is not
@@ -29,7 +29,7 @@ import pytest
 from kubernetes import client
 
 from llmserve_nb import AppConfig, ClusterError, DeployError, connect
-from llmserve_nb.kuberay import KubeRayCluster, KubeRayError, auth_secret_name, versions_from_image
+from llmserve_nb.cluster.kuberay import KubeRayCluster, KubeRayError, auth_secret_name, versions_from_image
 from test_cluster_client import FakeDashboard
 
 NS = "team-a"
@@ -369,7 +369,7 @@ def test_fake_apiserver_kubectl_stderr_is_drained_so_it_never_blocks(fake_apiser
     fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
     fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
     _fake_kubectl(tmp_path, monkeypatch, stderr_bytes=256 * 1024)
-    with caplog.at_level(logging.WARNING, logger="llmserve_nb.kuberay"), _cluster(fake_apiserver).connect(
+    with caplog.at_level(logging.WARNING, logger="llmserve_nb.cluster.kuberay"), _cluster(fake_apiserver).connect(
         port_forward="kubectl"
     ):
         deadline = time.monotonic() + 10
@@ -385,7 +385,7 @@ def test_fake_apiserver_kubectl_is_stopped_when_the_kernel_exits_without_closing
     record = _fake_kubectl(tmp_path, monkeypatch)
     kernel = f"""
 from kubernetes import client
-from llmserve_nb.kuberay import KubeRayCluster
+from llmserve_nb.cluster.kuberay import KubeRayCluster
 cfg = client.Configuration()
 cfg.host = {fake_apiserver.url!r}
 conn = KubeRayCluster("nb", {NS!r}, api_client=client.ApiClient(cfg)).connect(port_forward="kubectl")
@@ -427,7 +427,7 @@ def test_fake_apiserver_client_port_forward_logs_failures_and_closes(fake_apiser
     conn = _cluster(fake_apiserver).connect(port_forward="client")
     port = int(conn.dashboard_url.rsplit(":", 1)[1])
     assert conn.how == "port-forward" and conn.dashboard_url.startswith("http://127.0.0.1:")
-    with caplog.at_level(logging.WARNING, logger="llmserve_nb.kuberay"):
+    with caplog.at_level(logging.WARNING, logger="llmserve_nb.cluster.kuberay"):
         # The fake API server has no port-forward websocket: the relay fails, and says so in the log.
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
             s.settimeout(10)

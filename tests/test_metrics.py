@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from llmserve_nb.config import DEPLOYMENT_NAME
-from llmserve_nb.metrics import METRIC_NAMES, PROMQL, ServerMetrics, queries
+from llmserve_nb.observability.promql import METRIC_NAMES, PROMQL, queries
+from llmserve_nb.server.metrics import ServerMetrics
 from prometheus_server import prometheus  # noqa: F401  (the fixture)
 
 STATS_KEYS = {"batches", "requests", "batch_size_histogram", "max_batch_size_seen", "mean_batch_size",
@@ -153,7 +154,7 @@ def fake_llm_app(model_name: str = MODEL):
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    from llmserve_nb.metrics import ServerMetrics
+    from llmserve_nb.server.metrics import ServerMetrics
 
     class ServerError(Exception):
         status = 500

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from llmserve_nb.monitor import LiveMonitor, _histogram_quantile
+from llmserve_nb.observability.monitor import LiveMonitor, _histogram_quantile
 from prometheus_server import prometheus  # noqa: F401  (the fixture)
 from test_metrics import deployed_fake_llm, drive_load
 
@@ -83,7 +83,7 @@ def test_headless_notebook_keeps_one_final_chart(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell(
-            "from llmserve_nb.monitor import LiveMonitor\n"
+            "from llmserve_nb.observability.monitor import LiveMonitor\n"
             "with LiveMonitor(metrics_urls=['127.0.0.1:9'], interval_s=0.2, duration_s=60) as mon:\n"
             "    import time; time.sleep(2.0)\n"
             "mon.updates >= 1, mon.running"

@@ -14,7 +14,7 @@ from prometheus_server import prometheus  # noqa: F401  (the fixture)
 
 from llmserve_nb.bench import Workload, run_benchmark
 from llmserve_nb.k8s import all_promql_expressions
-from llmserve_nb.metrics import queries
+from llmserve_nb.observability.promql import queries
 
 pytestmark = pytest.mark.ray
 

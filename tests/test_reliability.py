@@ -3,7 +3,7 @@ engine loop replaced through the health check, and updates under load.
 
 One module-scoped app with two small replicas (0.5 CPU and one torch thread each, so it fits next to
 the session's `app` fixture on 2 cores). Every load comes from `llmserve_nb.bench` through
-`llmserve_nb.reliability`, with a client timeout on every request: a request that does not end in
+`llmserve_nb.experiments.reliability`, with a client timeout on every request: a request that does not end in
 time is counted as hung, and no test tolerates one. The figures each test measured are printed
 (`pytest -s`) as one JSON line tagged `RELIABILITY`.
 """
@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import API_KEY
-from llmserve_nb import reliability as rel
+from llmserve_nb.experiments import reliability as rel
 
 APP = "reliability-test"
 TOKENS = 16  # per request: about a second of decoding on a loaded 2-core box

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
-from llmserve_nb import vllm_app
+from llmserve_nb.backends.vllm import render as vllm_app
 from llmserve_nb.config import AppConfig, AutoscalingConfig, ConfigError, DeploymentConfig, EngineConfig
 from ray_cluster import HEAD_PORTS, RayClusterError, RayTestCluster, _log_tails, _pick_ports, _wait_nodes, stop_cluster
 
@@ -137,7 +137,7 @@ def test_autoscaling_goes_to_the_llmserver_entry():
 
 def test_ingress_class_is_ours_and_keeps_rays_deployment_name():
     app = rendered(vllm_config())
-    assert app["args"]["ingress_cls_config"] == {"ingress_cls": "llmserve_nb.vllm_ingress:OpenAiIngress"}
+    assert app["args"]["ingress_cls_config"] == {"ingress_cls": "llmserve_nb.server.vllm_ingress:OpenAiIngress"}
     module, _, cls = app["args"]["ingress_cls_config"]["ingress_cls"].partition(":")
     source = (REPO / (module.replace(".", "/") + ".py")).read_text()
     classes = {n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
@@ -206,7 +206,7 @@ def test_embedded_model_renders_its_safetensors_copy():
 
 def test_transformers_app_is_unchanged_by_the_backend_field():
     app = AppConfig().to_application()
-    assert app["import_path"] == "llmserve_nb.serve_app:build_app"
+    assert app["import_path"] == "llmserve_nb.server.app:build_app"
     assert [d["name"] for d in app["deployments"]] == ["LLMServer"]
 
 
@@ -232,7 +232,7 @@ def test_cli_registers_vllm_env(capsys):
 # ---- the real thing: Ray Serve LLM on CPU (slow) -------------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_venv() -> Path:
-    from llmserve_nb.vllm_env import VllmEnvError, build_vllm_env
+    from llmserve_nb.backends.vllm.env import VllmEnvError, build_vllm_env
 
     try:
         return build_vllm_env(log=lambda line: print(line, flush=True))
@@ -249,7 +249,7 @@ def _start_vllm_head(venv: Path, num_cpus: int, timeout_s: float) -> RayTestClus
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           # The replicas import llmserve_nb.vllm_ingress from this checkout, whichever the venv last installed.
+           # The replicas import llmserve_nb.server.vllm_ingress from this checkout, whichever the venv last installed.
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("VIRTUAL_ENV", None)
@@ -458,7 +458,7 @@ def test_quickstart_notebook_on_vllm(vllm_cluster: RayTestCluster, remote, tmp_p
 
 
 def test_a_deployed_vllm_app_gives_back_its_config():
-    from llmserve_nb.vllm_app import config_of_vllm_application
+    from llmserve_nb.backends.vllm.render import config_of_vllm_application
 
     for cfg in (
         vllm_config(),

@@ -101,7 +101,7 @@ class _ServeDetailsOnly:
 
 def test_vllm_app_disables_batching_with_a_note_and_keeps_autoscaling():
     from llmserve_nb.config import EngineConfig
-    from llmserve_nb.vllm_app import llm_server_deployment_name
+    from llmserve_nb.backends.vllm.render import llm_server_deployment_name
 
     cfg = AppConfig(engine=EngineConfig(backend="vllm", max_num_seqs=16))
     deployment = llm_server_deployment_name(cfg.engine.model_name)

@@ -53,7 +53,7 @@ ratios, config comparison), `plots`, `cli` (`llmserve-nb bench`).
 from __future__ import annotations
 
 from llmserve_nb.bench.cli import add_cli
-from llmserve_nb.bench.metrics import ERROR_KINDS, SHORT_OUTPUT_TOKENS, BenchReport, BenchRun, RequestResult
+from llmserve_nb.bench.results import ERROR_KINDS, SHORT_OUTPUT_TOKENS, BenchReport, BenchRun, RequestResult
 from llmserve_nb.bench.plots import plot_latency_cdf, plot_throughput_latency, plot_ttft_vs_concurrency
 from llmserve_nb.bench.report import compare_configs, ratio_table, soak_table, to_markdown
 from llmserve_nb.bench.runner import run_benchmark, soak, sweep

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from llmserve_nb.bench.metrics import ERROR_KINDS
+from llmserve_nb.bench.results import ERROR_KINDS
 from llmserve_nb.bench.report import SUMMARY_COLUMNS, soak_table, to_markdown
 from llmserve_nb.bench.runner import soak, sweep
 from llmserve_nb.bench.workload import Length, Workload
@@ -80,7 +80,7 @@ def _workload(args) -> Workload:
 
 
 def _cli_bench(args) -> int:
-    from llmserve_nb.bench.metrics import BenchReport
+    from llmserve_nb.bench.results import BenchReport
 
     wl = _workload(args)
     if args.soak is not None:

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from llmserve_nb.bench.metrics import RequestResult
+from llmserve_nb.bench.results import RequestResult
 from llmserve_nb.bench.workload import Workload
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from llmserve_nb.bench.metrics import BenchReport
+from llmserve_nb.bench.results import BenchReport
 
 
 def _summary_of(x):

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from llmserve_nb.bench.metrics import BenchReport, BenchRun
+from llmserve_nb.bench.results import BenchReport, BenchRun
 from llmserve_nb.bench.runner import sweep
 from llmserve_nb.bench.workload import Workload
 

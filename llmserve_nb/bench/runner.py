@@ -9,7 +9,7 @@ import time
 from typing import Any, Iterable
 
 from llmserve_nb.bench.client import discover_model, make_client, send_one
-from llmserve_nb.bench.metrics import BenchReport, BenchRun, RequestResult
+from llmserve_nb.bench.results import BenchReport, BenchRun, RequestResult
 from llmserve_nb.bench.workload import Workload
 
 

@@ -154,7 +154,7 @@ class AppHandle:
             raise ClusterError(
                 f"{what} is a feature of the transformers engine; app {self.name!r} runs vLLM through Ray Serve LLM, "
                 "which batches continuously inside its engine (up to engine.max_num_seqs). Its batch is vLLM's "
-                "num_requests_running metric: see AppHandle.burst() or llmserve_nb.monitor.LiveMonitor"
+                "num_requests_running metric: see AppHandle.burst() or llmserve_nb.observability.monitor.LiveMonitor"
             )
 
     def reconfigure(self, **batching: Any) -> None:
@@ -295,7 +295,7 @@ class AppHandle:
         from llmserve_nb.bench import Workload, run_benchmark
 
         if self.backend == "vllm":
-            from llmserve_nb.vllm_app import vllm_burst
+            from llmserve_nb.backends.vllm.render import vllm_burst
 
             return vllm_burst(self, n=n, max_tokens=max_tokens, input_tokens=input_tokens)
 
@@ -331,7 +331,7 @@ class AppHandle:
         except ClusterError as e:
             st = {"status": f"unknown ({e})", "deployments": {}}
         if self.backend == "vllm":
-            from llmserve_nb.vllm_app import llm_server_deployment_name
+            from llmserve_nb.backends.vllm.render import llm_server_deployment_name
 
             dep = st["deployments"].get(llm_server_deployment_name(self.model), {})
         else:

@@ -137,7 +137,7 @@ def _kuberay_cluster(
     port_forward: str, timeout_s: float, api_client: Any,
 ) -> tuple[Cluster, tuple[str | None, str | None]]:
     """The Cluster behind a KubeRay RayCluster/RayService, and the (ray, python) versions its spec declares."""
-    from llmserve_nb.kuberay import KubeRayCluster
+    from llmserve_nb.cluster.kuberay import KubeRayCluster
 
     kr = KubeRayCluster(name, namespace, kind=kind, api_client=api_client, context=context)  # type: ignore[arg-type]
     kr.wait_ready(timeout_s=timeout_s, progress=print)

@@ -1,7 +1,7 @@
 """Production observability, rendered from the same configs: PodMonitors for Ray's metrics port, PrometheusRule
 alerts for the backend each app selects, and a Grafana dashboard (JSON plus a ConfigMap for Grafana's sidecar).
 
-Engine metrics are `<prefix>_*`: `ray_llmserve_*` (this package's engine, names from `llmserve_nb.metrics`) or
+Engine metrics are `<prefix>_*`: `ray_llmserve_*` (this package's engine, names from `llmserve_nb.observability.promql`) or
 `ray_vllm_*` (vLLM's own metrics through Ray). They share names, so one dashboard serves both through the
 `prefix` template variable, and both carry `model_name`, the only label vLLM's have. Serve's `ray_serve_*`
 names are Ray 2.60's (ray/dashboard/modules/metrics/dashboards/serve_*_panels.py and ray/serve/_private/).
@@ -45,7 +45,7 @@ _ALL = ("transformers", "vllm")
 def _exported_names(backend: str) -> frozenset[str]:
     if backend == "vllm":
         return VLLM_METRICS
-    from llmserve_nb.metrics import METRIC_NAMES
+    from llmserve_nb.observability.promql import METRIC_NAMES
 
     return frozenset(METRIC_NAMES)
 

@@ -23,7 +23,7 @@ from llmserve_nb.k8s.options import (
 )
 from llmserve_nb.k8s.profiles import profile
 from llmserve_nb.k8s.security import auth_options, token_env
-from llmserve_nb.vllm_app import cluster_env
+from llmserve_nb.backends.vllm.render import cluster_env
 
 def serve_config_yaml(app: AppConfig) -> str:
     """The RayService `serveConfigV2`: the YAML of the same Serve config a notebook deploys."""

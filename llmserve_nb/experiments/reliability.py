@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import httpx
 
 from llmserve_nb.config import DEPLOYMENT_NAME
-from llmserve_nb.bench.metrics import _percentile  # the load generator's percentile, one implementation
+from llmserve_nb.bench.results import _percentile  # the load generator's percentile, one implementation
 from llmserve_nb.bench.runner import _run_sync
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ __all__ = [
 
 # What Serve answers when a request is refused for backpressure (deployment.backpressure_status_code).
 BACKPRESSURE_STATUSES = (503, 429)
-INJECTED_FAULT = "engine loop killed by llmserve_nb.reliability.kill_engine_loop (fault injection)"
+INJECTED_FAULT = "engine loop killed by llmserve_nb.experiments.reliability.kill_engine_loop (fault injection)"
 
 
 # ---- HTTP probes ---------------------------------------------------------------------------------

@@ -443,7 +443,7 @@ class NodeReplicaTimeline:
         return round(time.monotonic() - self._t0, 2)
 
     def sample(self) -> dict[str, Any]:
-        from llmserve_nb.reliability import replicas
+        from llmserve_nb.experiments.reliability import replicas
 
         nodes = self.lac.nodes()
         head_ids = {n["node_id"] for n in nodes if n["head"]}

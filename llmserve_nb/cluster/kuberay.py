@@ -556,7 +556,7 @@ def _kubectl_forward(
 def _client_forward(api: Any, namespace: str, pod: str, ports: list[int]) -> tuple[dict[int, int], Callable[[], None]]:
     """Local listeners that relay each accepted connection over its own API-server port-forward stream.
 
-    A connection that cannot be forwarded is closed and logged (warning, logger `llmserve_nb.kuberay`),
+    A connection that cannot be forwarded is closed and logged (warning, logger `llmserve_nb.cluster.kuberay`),
     with the API server's reason when it gave one.
     """
     from kubernetes import client

@@ -1,7 +1,7 @@
 """The OpenAI ingress of the vLLM backend: Ray Serve LLM's `OpenAiIngress` plus this project's API key
 and a `/health` probe. Ray's own ingress enforces no key at all (its `engine_kwargs.api_key` is ignored).
 
-`llmserve_nb.vllm_app` names this class in `build_openai_app`'s `ingress_cls_config`, Ray's extension
+`llmserve_nb.backends.vllm.render` names this class in `build_openai_app`'s `ingress_cls_config`, Ray's extension
 point for the ingress; Ray builds the FastAPI routes from it exactly as for its own class. It keeps
 Ray's class name, so the deployment is still called `OpenAiIngress` (Ray's dashboards and the
 `deployments:` overrides rely on that name).
@@ -151,4 +151,4 @@ class OpenAiIngress(_RayOpenAiIngress):
 # Fail closed: a Ray release that adds an endpoint must not serve it unchecked.
 _unwrapped = sorted(name for name in DEFAULT_ENDPOINTS if name not in OpenAiIngress.__dict__)
 if _unwrapped:
-    raise ImportError(f"llmserve_nb.vllm_ingress does not key-check Ray's endpoints {_unwrapped}; update it")
+    raise ImportError(f"llmserve_nb.server.vllm_ingress does not key-check Ray's endpoints {_unwrapped}; update it")

@@ -1,7 +1,7 @@
 """`EngineConfig(backend="vllm")`: the same `AppConfig` rendered as a Ray Serve LLM application.
 
 No vLLM integration of our own: the application is Ray's `ray.serve.llm:build_openai_app` with one
-`LLMConfig` (vLLM engine) and this package's `llmserve_nb.vllm_ingress:OpenAiIngress` (Ray's OpenAI
+`LLMConfig` (vLLM engine) and this package's `llmserve_nb.server.vllm_ingress:OpenAiIngress` (Ray's OpenAI
 ingress plus the project's API key and `/health`), wired through the builder's `ingress_cls_config`.
 
 The split follows the transformers app (and Serve's code-version rule): `args` hold only what builds a
@@ -48,7 +48,7 @@ __all__ = [
     "vllm_batch_metrics",
 ]
 
-INGRESS_CLS = "llmserve_nb.vllm_ingress:OpenAiIngress"
+INGRESS_CLS = "llmserve_nb.server.vllm_ingress:OpenAiIngress"
 INGRESS_DEPLOYMENT = "OpenAiIngress"  # our ingress keeps Ray's class name, hence Ray's deployment name
 API_KEY_ENV = "LLMSERVE_NB_API_KEY"
 # Ray's high-throughput Serve mode (Ray >= 2.55; its KubeRay guide sets both on every pod): HAProxy instead

@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from llmserve_nb.config import DEPLOYMENT_NAME
+from llmserve_nb.observability.promql import PREFIX
 
-__all__ = ["METRIC_NAMES", "PROMQL", "FinishedReason", "RequestRecord", "ServerMetrics", "queries"]
+__all__ = ["FinishedReason", "RequestRecord", "ServerMetrics"]
 
 FinishedReason = Literal["stop", "length", "abort", "error"]
 _REASONS = ("stop", "length", "abort", "error")
@@ -39,62 +39,6 @@ TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
-
-PREFIX = "ray_llmserve_"
-
-# Exported name -> Prometheus type. The k8s dashboard/alert renderer and the tests read this.
-METRIC_NAMES: dict[str, str] = {
-    f"{PREFIX}time_to_first_token_seconds": "histogram",
-    f"{PREFIX}request_time_per_output_token_seconds": "histogram",
-    f"{PREFIX}e2e_request_latency_seconds": "histogram",
-    f"{PREFIX}admission_batch_size": "histogram",
-    f"{PREFIX}prompt_tokens_total": "counter",
-    f"{PREFIX}generation_tokens_total": "counter",
-    f"{PREFIX}request_success_total": "counter",
-    f"{PREFIX}http_requests_total": "counter",
-    f"{PREFIX}num_requests_running": "gauge",
-    f"{PREFIX}num_requests_waiting": "gauge",
-    f"{PREFIX}kv_cache_usage_perc": "gauge",
-}
-
-
-def queries(window: str = "1m", selector: str = "") -> dict[str, str]:
-    """The canonical PromQL of the dashboard, the alerts and `LiveMonitor`, one value each.
-
-    `window` is the rate window: with Ray's 10 s metrics report interval, keep it at 30 s or more.
-    `selector` narrows every query with extra label matchers that both these metrics and Ray Serve's
-    carry, in practice the application: `'application="llm"'` or, in Grafana, `'application=~"$app"'`.
-    """
-    s = f",{selector}" if selector else ""
-    m = f"{{{selector}}}" if selector else ""
-    dep = f'{{deployment="{DEPLOYMENT_NAME}"{s}}}'
-
-    def quantile(q: float, name: str) -> str:
-        return f"histogram_quantile({q}, sum by (le) (rate({PREFIX}{name}_bucket{m}[{window}])))"
-
-    http = f"{PREFIX}http_requests_total"
-    errors = f'sum(rate({http}{{status=~"5.."{s}}}[{window}]))'
-    return {
-        "ttft_p50_s": quantile(0.5, "time_to_first_token_seconds"),
-        "ttft_p99_s": quantile(0.99, "time_to_first_token_seconds"),
-        "tpot_p50_s": quantile(0.5, "request_time_per_output_token_seconds"),
-        "e2e_p99_s": quantile(0.99, "e2e_request_latency_seconds"),
-        "requests_running": f"sum({PREFIX}num_requests_running{m})",
-        "requests_waiting": f"sum({PREFIX}num_requests_waiting{m})",
-        "kv_cache_usage": f"max({PREFIX}kv_cache_usage_perc{m})",
-        "generation_tokens_per_s": f"sum(rate({PREFIX}generation_tokens_total{m}[{window}]))",
-        "requests_per_s": f"sum(rate({http}{m}[{window}]))",
-        # `or vector(0)`: no 5xx series exists until the first error, and "no data" is not "no errors".
-        "errors_per_s": f"{errors} or vector(0)",
-        "error_ratio": f"({errors} or vector(0)) / sum(rate({http}{m}[{window}]))",
-        # Serve's own: the controller's target, and one series per replica that is 1 while it is healthy.
-        "replicas_target": f"sum(ray_serve_autoscaling_target_replicas{dep})",
-        "replicas_running": f"sum(ray_serve_deployment_replica_healthy{dep})",
-    }
-
-
-PROMQL: dict[str, str] = queries()
-
 
 class RequestRecord:
     """One request's life in a replica: create it with `ServerMetrics.request`, end it with `finish`.

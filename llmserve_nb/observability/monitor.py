@@ -3,7 +3,7 @@
     with LiveMonitor(application="llm"):          # or LiveMonitor(prometheus_url=..., ...)
         run_benchmark(...)                        # the chart updates every interval_s meanwhile
 
-Figures are those of `llmserve_nb.metrics.PROMQL`: replicas target vs running, requests running and
+Figures are those of `llmserve_nb.observability.promql.PROMQL`: replicas target vs running, requests running and
 waiting, generation tok/s, TTFT p50/p99 and TPOT p50, errors/s. With a Prometheus URL they are those
 queries; without one they are computed the same way from Ray's own metrics endpoints (every node's
 export port, from the service-discovery file of the Ray this kernel runs), from two scrapes `window_s`
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import httpx
 
 from llmserve_nb.config import DEPLOYMENT_NAME
-from llmserve_nb.metrics import PREFIX, queries
+from llmserve_nb.observability.promql import PREFIX, queries
 
 __all__ = ["LiveMonitor", "MonitorError"]
 
