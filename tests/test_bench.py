@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from llmserve_nb import bench
 from llmserve_nb.bench import BenchRun, RequestResult, Workload
-from llmserve_nb.bench.results import _percentile
+from llmserve_nb.stats import percentile
 
 TTFT = 0.15  # the fake server's delay before the first chunk
 GAP = 0.05  # between chunks
@@ -154,8 +154,8 @@ def test_percentile_matches_numpy():
     np = pytest.importorskip("numpy")
     vals = [random.Random(3).random() for _ in range(37)]
     for q in (0, 50, 90, 99, 100):
-        assert _percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
-    assert math.isnan(_percentile([], 50))
+        assert percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
+    assert math.isnan(percentile([], 50))
 
 
 def test_prompts_are_deterministic_and_sized():

@@ -53,6 +53,7 @@ ratios, config comparison), `plots`, `cli` (`llmserve-nb bench`).
 from __future__ import annotations
 
 from llmserve_nb.bench.cli import add_cli
+from llmserve_nb.bench.observe import Action, Event, Timeline, run_observed
 from llmserve_nb.bench.results import ERROR_KINDS, SHORT_OUTPUT_TOKENS, BenchReport, BenchRun, RequestResult
 from llmserve_nb.bench.plots import plot_latency_cdf, plot_throughput_latency, plot_ttft_vs_concurrency
 from llmserve_nb.bench.report import compare_configs, ratio_table, soak_table, to_markdown
@@ -60,6 +61,10 @@ from llmserve_nb.bench.runner import run_benchmark, soak, sweep
 from llmserve_nb.bench.workload import Workload, make_prompts, mixed_workload
 
 __all__ = [
+    "Action",
+    "Event",
+    "Timeline",
+    "run_observed",
     "ERROR_KINDS",
     "SHORT_OUTPUT_TOKENS",
     "BenchReport",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from llmserve_nb.bench.workload import Workload
+from llmserve_nb.stats import percentile
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,17 +67,6 @@ class RequestResult:
         return d
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default, as vLLM uses)."""
-    if not values:
-        return math.nan
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def _ms(values: Sequence[float]) -> list[float]:
     return [v * 1000 for v in values if not math.isnan(v)]
 
@@ -130,13 +120,13 @@ class BenchRun:
             ms = _ms(values)
             s[f"{name}_ms_mean"] = sum(ms) / len(ms) if ms else math.nan
             for q in (50, 90, 99):
-                s[f"{name}_ms_p{q}"] = _percentile(ms, q)
+                s[f"{name}_ms_p{q}"] = percentile(ms, q)
         short = [r for r in ok if r.short]
         long_ = [r for r in ok if not r.short]
         s["short_requests"], s["long_requests"] = len(short), len(long_)
         for name, group in (("short", short), ("long", long_)):
             ms = _ms([r.e2e_s for r in group])
-            s[f"{name}_e2e_ms_p50"], s[f"{name}_e2e_ms_p99"] = _percentile(ms, 50), _percentile(ms, 99)
+            s[f"{name}_e2e_ms_p50"], s[f"{name}_e2e_ms_p99"] = percentile(ms, 50), percentile(ms, 99)
         s["error_example"] = next((f"{r.error_kind}: {r.error}" for r in err), "")
         return s
 
@@ -174,9 +164,9 @@ class BenchRun:
                 "errors": sum(r.status == "error" for r in ended[i]),
                 "dropped": sum(r.status == "dropped" for r in ended[i]),
                 "streamed_tok_per_s": tokens[i] / length if length > 0 else math.nan,
-                "tpot_ms_p50": _percentile(_ms([r.tpot_s for r in ok]), 50),
-                "ttft_ms_p50": _percentile(_ms([r.ttft_s for r in ok]), 50),
-                "short_e2e_ms_p50": _percentile(_ms([r.e2e_s for r in ok if r.short]), 50),
+                "tpot_ms_p50": percentile(_ms([r.tpot_s for r in ok]), 50),
+                "ttft_ms_p50": percentile(_ms([r.ttft_s for r in ok]), 50),
+                "short_e2e_ms_p50": percentile(_ms([r.e2e_s for r in ok if r.short]), 50),
             })
         return rows
 

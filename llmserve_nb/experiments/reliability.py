@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import httpx
 
 from llmserve_nb.config import DEPLOYMENT_NAME
-from llmserve_nb.bench.results import _percentile  # the load generator's percentile, one implementation
+from llmserve_nb.stats import percentile
 from llmserve_nb.bench.runner import _run_sync
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def burst(base_url: str, n: int = 20, *, api_key: str | None = None, max_tokens:
     other = [r for r in rows if r not in ok and r not in refused]
 
     def pct(rs: list[dict], q: float) -> float:
-        return _percentile([r["latency_s"] for r in rs], q)
+        return percentile([r["latency_s"] for r in rs], q)
 
     return {
         "requests": n,
