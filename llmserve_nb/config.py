@@ -17,6 +17,9 @@ VLLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"  # backend="vllm": Ray Serve
 LLM_POLICY = "llmserve_nb.server.autoscaling_policy:llm_policy"
 DEPLOYMENT_NAME = "LLMServer"
 EMBEDDED_MODEL = "smollm2"
+# The environment variable that holds the app's API key: replicas read it, manifests set it from a Secret,
+# handles send it. Both backends use the same name.
+API_KEY_ENV = "LLMSERVE_NB_API_KEY"
 
 
 class _Strict(BaseModel):
