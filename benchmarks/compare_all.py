@@ -45,10 +45,11 @@ from pathlib import Path
 import pandas as pd
 
 from bench_common import (
-    REPO, add_mixed_args, add_workload_args, cpu_info, deploy_on, engine_limit, fixed_workload, free_port,
-    levels_of, load_offline_engine, log, mixed_workload, ray_head, replica_code, sweep_levels,
+    REPO, add_mixed_args, add_workload_args, cpu_info, deploy_on, engine_limit, fixed_workload, levels_of,
+    load_offline_engine, log, mixed_workload, ray_head, replica_code, sweep_levels,
 )
 from llmserve_nb import bench
+from llmserve_nb.cluster.ports import free_port
 
 ENGINE = "engine offline"
 NEW = "serve app (new)"

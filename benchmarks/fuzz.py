@@ -20,8 +20,12 @@ import os
 import secrets
 import sys
 import time
+from pathlib import Path
 
-from llmserve_nb.experiments.reliability import fuzz_openapi
+# The fuzzer is a test tool (tests/openapi_fuzz.py, what CI's tests/test_fuzz.py runs); this script is the
+# same fuzzer with a larger budget, so it imports it from there rather than keep a second copy.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from openapi_fuzz import fuzz_openapi  # noqa: E402
 
 
 def main(argv=None) -> int:

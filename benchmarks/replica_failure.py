@@ -26,7 +26,7 @@ import sys
 
 from llmserve_nb import AppConfig, connect
 from llmserve_nb.experiments import reliability as rel
-from llmserve_nb.bench import Workload
+from llmserve_nb.bench import Action, Workload
 
 COLUMNS = ["kind", "sent", "accepted", "succeeded", "failed", "failed_by_kind", "hung", "cut_at_end", "recovery_s",
            "serving_s"]
@@ -79,17 +79,18 @@ def main(argv=None) -> int:
                           stream=args.stream, duration_s=args.load_s, timeout_s=args.timeout)
             tl = rel.run_load(
                 app.base_url, wl, concurrency=args.concurrency, cluster=cluster, app_name=app.name, model=app.model,
-                actions=[(args.kill_at, "kill", lambda kind=kind: rel.kill_and_recover(
+                actions=[Action(args.kill_at, "kill", lambda kind=kind: rel.kill_and_recover(
                     cluster, app, kind, target=2, timeout_s=args.recovery_timeout))],
             )
             s = rel.failure_summary(tl, "kill")
-            kill = tl.events[0].get("result") or {} if tl.events else {}
+            event = tl.event("kill")
+            kill = (event.value if event is not None else None) or {}
             row = {"kind": kind, **{k: s[k] for k in COLUMNS if k in s},
                    "recovery_s": kill.get("recovery_s", math.nan), "serving_s": kill.get("serving_s", math.nan)}
-            if "error" in (tl.events[0] if tl.events else {}):
-                row["error"] = tl.events[0]["error"]
+            if "kill_error" in s:
+                row["error"] = s["kill_error"]
             rows.append(row)
-            detail.append({"kind": kind, "summary": s, "events": tl.events, "per_second": tl.per_second()})
+            detail.append({"kind": kind, "summary": s, "events": tl.events, "per_second": rel.per_second(tl)})
             log(f"{kind}: {json.dumps(row, default=str)}")
             for k, v in s["failure_examples"].items():
                 log(f"  {k}: {v}")

@@ -36,10 +36,13 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import CACHE, MODEL_NAME, REPO, cpu_info, free_port, log, ray_head  # noqa: E402
+from bench_common import CACHE, MODEL_NAME, REPO, cpu_info, log, ray_head  # noqa: E402
 from vllm_peer import vllm_server  # noqa: E402
 
-from llmserve_nb import bench, vllm_app  # noqa: E402
+from llmserve_nb import bench  # noqa: E402
+from llmserve_nb.cluster.ports import free_port  # noqa: E402
+from llmserve_nb.backends.vllm import VllmBackend  # noqa: E402
+from llmserve_nb.backends.vllm import render as vllm_app  # noqa: E402
 from llmserve_nb.experiments.reliability import probe  # noqa: E402
 
 DEFAULT_VENV = CACHE / "vllm-0.29.0-venv"
@@ -149,18 +152,18 @@ def drive(label: str, url: str, api_key: str | None, args) -> list[dict]:
 
 @contextlib.contextmanager
 def rendering(change: Callable[[dict], None] | None):
-    """`vllm_app.vllm_application` with `change` applied to its result (also what `_is_current` compares)."""
+    """`VllmBackend.application` with `change` applied to its result (also what `_is_current` compares)."""
     if change is None:
         yield
         return
-    original = vllm_app.vllm_application
+    original = VllmBackend.application
 
-    def patched(config):
-        app = copy.deepcopy(original(config))
+    def patched(self, config):
+        app = copy.deepcopy(original(self, config))
         change(app)
         return app
 
-    with mock.patch.object(vllm_app, "vllm_application", patched):
+    with mock.patch.object(VllmBackend, "application", patched):
         yield
 
 

@@ -1,8 +1,9 @@
-"""The one typed configuration object.
+"""The one typed configuration object: schema and derived values, nothing of the rest of the package.
 
-`AppConfig` is the single source of truth: it renders the Serve deploy config (used by the Python
-deploy, the Serve REST API and `serve deploy`), the `args` that `serve_app:build_app` receives, the
-RayService `serveConfigV2` and, through `llmserve_nb.k8s`, the manifests under `k8s/`.
+`AppConfig` is the single source of truth. `llmserve_nb.backends` renders it as the Serve application
+of the backend it selects (the Serve deploy config of the Python deploy, the Serve REST API, `serve
+deploy` and the RayService `serveConfigV2`) and reads it back; the replica side (`server.app:build_app`)
+builds its deployment from the derived values here (`build_args`, `deployment_options`).
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-IMPORT_PATH = "llmserve_nb.server.app:build_app"
-VLLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"  # backend="vllm": Ray Serve LLM's own app builder
 LLM_POLICY = "llmserve_nb.server.autoscaling_policy:llm_policy"
 DEPLOYMENT_NAME = "LLMServer"
 EMBEDDED_MODEL = "smollm2"
@@ -70,12 +69,6 @@ class EngineConfig(_Strict):
         description="backend='vllm' only: vLLM engine arguments (e.g. {'enforce_eager': True, "
         "'gpu_memory_utilization': 0.9}), passed through Ray Serve LLM's LLMConfig.engine_kwargs.",
     )
-
-    @model_validator(mode="after")
-    def _backend_options(self) -> EngineConfig:
-        if self.engine_kwargs and self.backend != "vllm":
-            raise ValueError("engine_kwargs is for backend='vllm'; the transformers engine takes typed fields")
-        return self
 
     @property
     def model_name(self) -> str:
@@ -199,9 +192,37 @@ class DeploymentConfig(_Strict):
             raise ValueError(f"num_gpus={self.num_gpus}: above 1 it must be a whole number (fractions only below 1)")
         return self
 
+    # ---- Serve's generic deployment options, the same for every backend's model deployment ----------
+    # Their inverse is `llmserve_nb.backends.serve_options`.
+    @property
+    def most_replicas(self) -> int:
+        """The most replicas the model deployment may run: autoscaling's maximum, else the fixed count."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+
+    def serve_autoscaling_config(self) -> dict[str, Any]:
+        """Serve's `autoscaling_config`. A fixed count is rendered as autoscaling pinned to it: Serve 2.60
+        hashes "is there an autoscaling_config" into the app's code version, so switching between
+        num_replicas and autoscaling_config would restart every replica; bounds change in place."""
+        if self.autoscaling is not None:
+            return self.autoscaling.serve_autoscaling_config()
+        n = self.num_replicas
+        return {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
+
+    def backpressure_config(self) -> dict[str, Any]:
+        return {"status_code": self.backpressure_status_code, "retry_after_s": self.retry_after_s}
+
+    def health_check_options(self) -> dict[str, float]:
+        return {"health_check_period_s": self.health_check_period_s,
+                "health_check_timeout_s": self.health_check_timeout_s}
+
+    def graceful_shutdown_options(self) -> dict[str, float]:
+        return {"graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+                "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s}
+
 
 class AppConfig(_Strict):
-    """One Serve application: engine + batching + deployment. Renders every other config format."""
+    """One Serve application: engine + batching + deployment. `llmserve_nb.backends` renders it (and checks
+    what only its backend refuses, e.g. options another backend's engine takes)."""
 
     name: str = Field("llm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
     route_prefix: str = Field("/", pattern=r"^/")
@@ -210,18 +231,7 @@ class AppConfig(_Strict):
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of the application.")
 
-    @model_validator(mode="after")
-    def _consistency(self) -> AppConfig:
-        mor = self.deployment.max_ongoing_requests
-        # Only our engine forms admission batches; vLLM batches inside its engine and ignores `batching`.
-        if mor is not None and self.engine.backend == "transformers" and mor < self.batching.max_batch_size:
-            raise ValueError(
-                f"deployment.max_ongoing_requests ({mor}) is below batching.max_batch_size "
-                f"({self.batching.max_batch_size}): a replica could never fill a batch"
-            )
-        return self
-
-    # ---- rendering -------------------------------------------------------------------------
+    # ---- derived values --------------------------------------------------------------------
     @property
     def max_ongoing_requests(self) -> int:
         return self.deployment.max_ongoing_requests or self.engine.max_num_seqs + self.batching.max_batch_size
@@ -231,8 +241,7 @@ class AppConfig(_Strict):
         d = self.deployment
         if d.max_queued_requests is not None:
             return d.max_queued_requests
-        replicas = d.autoscaling.max_replicas if d.autoscaling is not None else d.num_replicas
-        return 2 * self.max_ongoing_requests * replicas
+        return 2 * self.max_ongoing_requests * d.most_replicas
 
     def build_args(self) -> dict[str, Any]:
         """The `args` of the Serve application: only what builds a replica (the engine, the app's name).
@@ -267,55 +276,22 @@ class AppConfig(_Strict):
         return opts
 
     def deployment_options(self) -> dict[str, Any]:
-        """Options for `LLMServer.options(...)`; the same dict Serve's deploy schema takes per deployment."""
+        """The transformers app's `LLMServer` options: what `build_app` passes to `LLMServer.options(...)`
+        and, the same dict, its entry in a Serve deploy config's `deployments:`."""
         d = self.deployment
         opts: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "backpressure_config": {"status_code": d.backpressure_status_code, "retry_after_s": d.retry_after_s},
+            "backpressure_config": d.backpressure_config(),
             "user_config": self.user_config(),
             "ray_actor_options": self.ray_actor_options(),
-            "health_check_period_s": d.health_check_period_s,
-            "health_check_timeout_s": d.health_check_timeout_s,
-            "graceful_shutdown_wait_loop_s": d.graceful_shutdown_wait_loop_s,
-            "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+            **d.health_check_options(),
+            **d.graceful_shutdown_options(),
         }
         if d.max_surge_percent is not None:
             opts["max_surge_percent"] = d.max_surge_percent
-        if d.autoscaling is not None:
-            opts["autoscaling_config"] = d.autoscaling.serve_autoscaling_config()
-        else:
-            # A fixed count is rendered as autoscaling pinned to it: Serve 2.60 hashes "is there an
-            # autoscaling_config" into the app's code version, so switching between num_replicas and
-            # autoscaling_config would restart every replica; bounds changes are applied in place.
-            n = d.num_replicas
-            opts["autoscaling_config"] = {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
+        opts["autoscaling_config"] = d.serve_autoscaling_config()
         return opts
-
-    def to_application(self) -> dict[str, Any]:
-        """One entry of `applications:` in a Serve deploy config (and of a RayService serveConfigV2)."""
-        if self.engine.backend == "vllm":
-            from llmserve_nb.backends.vllm.render import vllm_application
-
-            return vllm_application(self)
-        app: dict[str, Any] = {
-            "name": self.name,
-            "route_prefix": self.route_prefix,
-            "import_path": IMPORT_PATH,
-            "args": self.build_args(),
-            "deployments": [{"name": DEPLOYMENT_NAME, **self.deployment_options()}],
-        }
-        if self.runtime_env:
-            app["runtime_env"] = self.runtime_env
-        return app
-
-    def to_serve_config(self, http_host: str = "0.0.0.0", http_port: int = 8000) -> dict[str, Any]:
-        """The full Serve deploy config: `serve deploy`, `PUT /api/serve/applications/`, serveConfigV2."""
-        return {
-            "proxy_location": "EveryNode",
-            "http_options": {"host": http_host, "port": http_port},
-            "applications": [self.to_application()],
-        }
 
     # ---- I/O -------------------------------------------------------------------------------
     @classmethod
@@ -363,78 +339,6 @@ def nest_dotted(args: dict[str, Any]) -> dict[str, Any]:
         else:
             node[leaf] = value
     return nested
-
-
-def config_of_application(app: dict[str, Any]) -> AppConfig:
-    """Rebuild the AppConfig of a deployed application from its Serve config entry: `args` (engine,
-    name), the `deployments:` entry (batching as user_config, replicas, limits, resources) and the
-    application's route prefix and runtime_env."""
-    if app.get("import_path") == VLLM_IMPORT_PATH:
-        from llmserve_nb.backends.vllm.render import config_of_vllm_application
-
-        return config_of_vllm_application(app)
-    if app.get("import_path") != IMPORT_PATH:
-        raise ConfigError(f"application {app.get('name')!r} runs {app.get('import_path')!r}, not {IMPORT_PATH}")
-    data = nest_dotted(app.get("args") or {})
-    data.update(name=app.get("name", data.get("name", "llm")), route_prefix=app.get("route_prefix", "/"))
-    if app.get("runtime_env"):
-        data["runtime_env"] = app["runtime_env"]
-    dep = {d.get("name"): d for d in app.get("deployments") or []}.get(DEPLOYMENT_NAME, {})
-    user_config = dict(dep.get("user_config") or {})
-    deployment = dict(data.get("deployment") or {})
-    if "request_timeout_s" in user_config:
-        deployment["request_timeout_s"] = user_config.pop("request_timeout_s")
-    targets = user_config.pop("autoscaling_targets", None)
-    if user_config:
-        data["batching"] = user_config
-    for key in _DEPLOYMENT_ENTRY_FIELDS:
-        if key in dep:
-            deployment[key] = dep[key]
-    scaling = dep.get("autoscaling_config") or {}
-    if scaling and set(scaling) == _PINNED and len(set(scaling.values())) == 1:
-        deployment["num_replicas"] = scaling["min_replicas"]
-    elif scaling:
-        fields = set(AutoscalingConfig.model_fields) - AutoscalingConfig.LLM_FIELDS
-        deployment["autoscaling"] = {k: v for k, v in scaling.items() if k in fields}
-        if (scaling.get("policy") or {}).get("policy_function") == LLM_POLICY:
-            deployment["autoscaling"]["policy"] = "llm"
-            if targets:
-                deployment["autoscaling"].update(target_ttft_s=targets["ttft_s"],
-                                                 target_waiting_requests=targets["waiting_requests"])
-    backpressure = dep.get("backpressure_config") or {}
-    if "status_code" in backpressure:
-        deployment["backpressure_status_code"] = backpressure["status_code"]
-    if backpressure.get("retry_after_s") is not None:
-        deployment["retry_after_s"] = backpressure["retry_after_s"]
-    actor = dep.get("ray_actor_options") or {}
-    for key in ("num_cpus", "num_gpus", "accelerator_type", "resources"):
-        if key in actor:
-            deployment[key] = actor[key]
-    if deployment:
-        data["deployment"] = deployment
-    config = AppConfig.from_args(data)
-    # Limits that were rendered from defaults come back as the defaults, not as pinned numbers.
-    for key in ("max_ongoing_requests", "max_queued_requests"):
-        derived = config.with_overrides(**{f"deployment.{key}": None})
-        if getattr(derived, key) == getattr(config, key):
-            config = derived
-    return config
-
-
-# How a fixed replica count is rendered (see AppConfig.deployment_options).
-_PINNED = {"min_replicas", "max_replicas", "initial_replicas"}
-
-# Keys of a Serve `deployments:` entry that map one to one onto DeploymentConfig fields.
-_DEPLOYMENT_ENTRY_FIELDS = (
-    "num_replicas",
-    "max_ongoing_requests",
-    "max_queued_requests",
-    "health_check_period_s",
-    "health_check_timeout_s",
-    "graceful_shutdown_wait_loop_s",
-    "graceful_shutdown_timeout_s",
-    "max_surge_percent",
-)
 
 
 class ConfigError(ValueError):

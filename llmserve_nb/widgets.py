@@ -24,13 +24,16 @@ from __future__ import annotations
 import html
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import ipywidgets as W
 
+from llmserve_nb.backends import backend_for
+from llmserve_nb.bench import Timeline, run_observed
 from llmserve_nb.cluster import AppHandle, ClusterError
-from llmserve_nb.config import DEPLOYMENT_NAME, AutoscalingConfig, ConfigError
-from llmserve_nb.backends.vllm.render import llm_server_deployment_name
+from llmserve_nb.cluster.status import AppStatus
+from llmserve_nb.config import AutoscalingConfig, ConfigError
+from llmserve_nb.experiments.autoscaling import load_and_watch
 
 __all__ = ["ReplicaSample", "ServeTuner", "VLLM_BATCHING_NOTE"]
 
@@ -60,11 +63,10 @@ class ServeTuner:
     def __init__(self, app: AppHandle, max_replicas_limit: int = 8):
         self.app = app
         cfg = app.config
-        self.backend = cfg.engine.backend
+        self.backend = backend_for(cfg)
         # The deployment whose replicas autoscale and whose count the history records.
-        self.deployment = (llm_server_deployment_name(cfg.engine.model_name) if self.backend == "vllm"
-                           else DEPLOYMENT_NAME)
-        self.live_batching = self.backend != "vllm"
+        self.deployment = self.backend.model_deployment(cfg)
+        self.live_batching = self.backend.live_batching
         self.batching_note = W.HTML()
         self.batching_note.add_class("llmserve-batching-note")
         if not self.live_batching:
@@ -90,7 +92,7 @@ class ServeTuner:
                                          description="min / max replicas", style=style, layout=layout)
         self.target_ongoing_requests = W.FloatSlider(value=auto.target_ongoing_requests, min=0.5, max=64, step=0.5,
                                                      description="target_ongoing_requests", style=style, layout=layout)
-        self.policy = W.Dropdown(options=["ongoing_requests", "llm"] if self.live_batching else ["ongoing_requests"],
+        self.policy = W.Dropdown(options=list(self.backend.autoscaling_policies),
                                  value=auto.policy, description="policy", style=style, layout=layout)
         self.target_ttft_s = W.FloatSlider(value=auto.target_ttft_s, min=0.1, max=30, step=0.1,
                                            description="target_ttft_s (llm)", style=style, layout=layout)
@@ -184,19 +186,16 @@ class ServeTuner:
         return {"replica_kept": bool(before) and before == after, "batching": None, "note": note}
 
     def replica_ids(self) -> list[str]:
-        """Ids of the running replicas of the tuned deployment, from Serve's details (sorted)."""
-        app = (self.app.cluster.serve_details().get("applications") or {}).get(self.app.name) or {}
-        dep = (app.get("deployments") or {}).get(self.deployment) or {}
-        return sorted(r.get("replica_id") for r in dep.get("replicas") or [] if r.get("state") == "RUNNING")
+        """Ids of the running replicas of the tuned deployment, from Serve's status (sorted)."""
+        return self.app.status().deployment(self.deployment).running_ids
 
     # ---- load and status -----------------------------------------------------------------
     def run_load(self, concurrency: int | None = None, seconds: float | None = None, wait: bool = False,
                  max_tokens: int = 32) -> None:
-        """Closed-loop streaming load (`llmserve_nb.bench`) for `seconds` in a background thread, sampling
-        replicas once a second; the load line shows its outcome and errors. `last_load` gets the summary
-        (TTFT percentiles included), the autoscaling policy in force and `scale_up_s`: seconds from the
-        start of the load to the first sample with more replicas running than at its start (None: no
-        scale-up)."""
+        """Closed-loop streaming load for `seconds` in a background thread (so the widgets stay live),
+        sampling Serve's status once a second (`experiments.autoscaling.load_and_watch`); the load line
+        shows its outcome and errors. `last_load` gets the summary (TTFT percentiles included), the
+        autoscaling policy in force, `scale_up_decided_s` and `scale_up_s` (`scale_up_times`)."""
         if self._load_thread is not None and self._load_thread.is_alive():
             raise RuntimeError("load is already running")
         concurrency = concurrency or self.load_concurrency.value
@@ -207,20 +206,33 @@ class ServeTuner:
             self._load_thread.join()
 
     def wait_for_replicas(self, count: int, timeout_s: float = 120.0) -> int:
-        """Sample until `count` replicas run (or time out); returns the last count seen."""
-        deadline = time.monotonic() + timeout_s
-        running = self._sample(0)
-        while running != count and time.monotonic() < deadline:
-            time.sleep(1.0)
-            running = self._sample(0)
-        return running
+        """Sample once a second until `count` replicas run (or `timeout_s` passed); returns the last count
+        seen. Raises the sampling error when Serve's status could not be read at all."""
+        reached = threading.Event()
+        record = self._recorder(lambda _: 0)
+
+        def check(timeline: Timeline) -> None:
+            record(timeline)
+            if self.history and self.history[-1].running == count:
+                reached.set()
+
+        first = len(self.history)
+        timeline = run_observed(None, {"app": self.app.status}, every_s=1.0, duration_s=timeout_s, stop=reached,
+                                on_sample=check)
+        if len(self.history) == first:
+            raise timeline.sample_errors["app"][-1][1]
+        return self.history[-1].running
 
     def _load(self, concurrency: int, seconds: float, max_tokens: int) -> None:
         # A background thread's exception would only reach the kernel log: every failure ends in the load line.
         self.last_load = None
         try:
             self._show_load(f"load: {concurrency} users for {seconds:g}s …")
-            summary = self.last_load = self._drive(concurrency, seconds, max_tokens)
+            # A closed loop keeps every user's request in flight until the run ends.
+            record = self._recorder(lambda timeline: 0 if timeline.result is not None else concurrency)
+            summary, _ = load_and_watch(self.app, concurrency=concurrency, seconds=seconds, max_tokens=max_tokens,
+                                        on_sample=record)
+            self.last_load = summary
         except Exception as e:  # noqa: BLE001 - shown to the user, who is not watching a log
             self._show_load(f"load failed: {type(e).__name__}: {e}", error=True)
             return
@@ -231,70 +243,36 @@ class ServeTuner:
         else:
             self._show_load(note)
 
-    def _drive(self, concurrency: int, seconds: float, max_tokens: int) -> dict[str, Any]:
-        """Run the load next to a once-a-second replica sampler; returns the run's summary."""
-        from llmserve_nb.bench import Workload, run_benchmark
+    def _recorder(self, ongoing: Callable[[Timeline], int]) -> Callable[[Timeline], None]:
+        """An `on_sample` for `run_observed`: each new "app" sample into `history` (on the tuner's clock)
+        and the status line; the first failure to read Serve's status into the load line."""
+        seen = {"samples": 0, "errors": 0}
 
-        # Bounded by count as well as duration: more requests than the users could finish in `seconds`.
-        # Streamed, so the run measures time to first token, what the llm policy scales on.
-        workload = Workload(num_requests=max(concurrency, int(concurrency * seconds * 10)), input_tokens=16,
-                            output_tokens=max_tokens, duration_s=seconds, timeout_s=self.app.request_timeout_s,
-                            stream=True)
-        outcome: dict[str, Any] = {}
+        def record(timeline: Timeline) -> None:
+            samples, errors = timeline.samples["app"], timeline.sample_errors.get("app", [])
+            for t, st in samples[seen["samples"]:]:
+                dep = st.deployment(self.deployment)
+                self.history.append(ReplicaSample(round(timeline.t0 - self._t0 + t, 1), len(dep.running),
+                                                  ongoing(timeline), dep.target_replicas))
+                self.refresh(status=st)
+            if errors and not seen["errors"]:
+                self._show_load(f"replica sampling failed: {errors[0][1]}", error=True)
+            seen.update(samples=len(samples), errors=len(errors))
 
-        def run() -> None:
-            try:
-                outcome["run"] = run_benchmark(self.app.base_url, workload, concurrency=concurrency,
-                                               model=self.app.model, label="tuner load", progress=False,
-                                               api_key=self.app.api_key)
-            except Exception as e:  # noqa: BLE001 - re-raised in the load thread below
-                outcome["error"] = e
+        return record
 
-        driver = threading.Thread(target=run, daemon=True, name="tuner-load")
-        first = len(self.history)
-        driver.start()
-        sampling_failed = False
-        while True:
-            # A closed loop keeps every user's request in flight until the run ends.
-            ongoing = concurrency if driver.is_alive() else 0
-            try:
-                self._sample(ongoing)
-            except ClusterError as e:
-                if not sampling_failed:
-                    self._show_load(f"load running; replica sampling failed: {e}", error=True)
-                sampling_failed = True
-            if not ongoing:
-                break
-            driver.join(1.0)
-        if "error" in outcome:
-            raise outcome["error"]
-        auto = self.app.config.deployment.autoscaling
-        samples = self.history[first:]
-        return {**outcome["run"].summary(), "policy": auto.policy if auto else None,
-                "scale_up_decided_s": _scale_up_s(samples, "target"), "scale_up_s": _scale_up_s(samples, "running")}
-
-    def _sample(self, ongoing: int) -> int:
-        st = self.app.status()
-        dep = st["deployments"].get(self.deployment, {})
-        running = dep.get("replica_states", []).count("RUNNING")
-        self.history.append(ReplicaSample(round(time.monotonic() - self._t0, 1), running, ongoing,
-                                          dep.get("target_replicas")))
-        self.refresh(status=st)
-        return running
-
-    def refresh(self, note: str = "", status: dict[str, Any] | None = None) -> None:
+    def refresh(self, note: str = "", status: AppStatus | None = None) -> None:
         try:
             st = status or self.app.status()
         except ClusterError as e:
             self._show(f"<span style='color:#b00'>{html.escape(str(e))}</span>")
             return
-        dep = st["deployments"].get(self.deployment, {})
-        states = dep.get("replica_states", [])
-        batching = (", ".join(f"{k}={v}" for k, v in (dep.get("user_config") or {}).items()) if self.live_batching
+        dep = st.deployment(self.deployment)
+        batching = (", ".join(f"{k}={v}" for k, v in (dep.user_config or {}).items()) if self.live_batching
                     else f"vLLM engine (max_num_seqs={self.app.config.engine.max_num_seqs})")
         self._show(
-            f"<b>{html.escape(self.app.name)}</b>: {html.escape(str(st['status']))} · replicas "
-            f"{states.count('RUNNING')} running / target {dep.get('target_replicas')} · batching "
+            f"<b>{html.escape(self.app.name)}</b>: {html.escape(st.status)} · replicas "
+            f"{len(dep.running)} running / target {dep.target_replicas} · batching "
             + html.escape(batching)
             + (f" · <i>{html.escape(note)}</i>" if note else "")
         )
@@ -372,21 +350,13 @@ class ServeTuner:
         display(self.widget)
 
 
-def _scale_up_s(samples: list[ReplicaSample], field: str) -> float | None:
-    """Seconds from the first sample to the first whose `field` (running or target replicas) exceeds the
-    first sample's, or None."""
-    if not samples or getattr(samples[0], field) is None:
-        return None
-    t0, start = samples[0].t, getattr(samples[0], field)
-    return next((round(s.t - t0, 1) for s in samples if (getattr(s, field) or 0) > start), None)
-
-
 def _summary(cfg) -> str:
     d = cfg.deployment
     a = d.autoscaling
     target = (f"llm policy @ ttft {a.target_ttft_s:g}s / waiting {a.target_waiting_requests:g}" if a and a.policy == "llm"
               else f"@ {a.target_ongoing_requests:g}" if a else "")
     reps = f"autoscaling {a.min_replicas}-{a.max_replicas} {target}" if a else f"{d.num_replicas} replicas"
-    if cfg.engine.backend == "vllm":
-        return f"vLLM engine batching, {reps}"
+    backend = backend_for(cfg)
+    if not backend.live_batching:
+        return f"{backend.name} engine batching, {reps}"
     return f"batch {cfg.batching.max_batch_size} / {cfg.batching.batch_wait_timeout_s:g}s, {reps}"

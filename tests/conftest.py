@@ -1,14 +1,45 @@
-"""Shared fixtures: one embedded Ray + one deployed app per session (deploys cost ~15 s on 2 cores)."""
+"""Shared fixtures: one embedded Ray + one deployed app per session (deploys cost ~15 s on 2 cores), and the
+programs some tests run (missing: a skip here, a failure in CI; see system_deps.py)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+from system_deps import require_chromium, require_crds, require_kubectl, require_promtool, require_vllm_venv
 
 API_KEY = "test-key-123"
 
 # Ray's dashboard gets 60 s to come up by default; on a loaded 2-core CI machine that is not always enough.
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
+
+
+@pytest.fixture(scope="session")
+def crds() -> Path:
+    """The KubeRay CRD folder (../shared/kuberay/crds or $LLMSERVE_NB_CRDS), the other families found too."""
+    return require_crds()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    return require_chromium()
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return require_kubectl()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return require_promtool()
+
+
+@pytest.fixture(scope="session")
+def vllm_venv() -> Path:
+    """The cached vLLM venv (`make vllm-env`), built when absent or stale."""
+    return require_vllm_venv()
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +52,19 @@ def engine():
 
 @pytest.fixture(scope="session")
 def cluster():
+    """The embedded Ray, started with retries: on a loaded 2-core machine Ray's fixed 30 s raylet start-up
+    wait is sometimes not enough, and pytest would cache the failure for the whole session."""
     from llmserve_nb import connect
+    from llmserve_nb.cluster import ClusterError
 
-    c = connect()
+    attempts = 3  # each failed ray.init leaves its gcs_server behind: do not loop long
+    for attempt in range(attempts):
+        try:
+            c = connect()
+            break
+        except ClusterError as e:
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
     yield c
     c.shutdown()
 
@@ -32,13 +73,14 @@ def cluster():
 def app(cluster):
     """The app under test, with an API key so the auth path is exercised on every request."""
     from llmserve_nb import AppConfig
+    from llmserve_nb.config import API_KEY_ENV
 
     # The key goes to the replica through the app's runtime_env and to the handle directly; never into
     # os.environ, which Ray heads and notebook kernels started later by other tests would inherit.
     config = AppConfig(
         name="test-llm",
         route_prefix="/",
-        runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": API_KEY}},
+        runtime_env={"env_vars": {API_KEY_ENV: API_KEY}},
     ).with_overrides(**{"batching.max_batch_size": 8, "batching.batch_wait_timeout_s": 0.1})
     handle = cluster.deploy(config, progress=None)
     handle.api_key = API_KEY

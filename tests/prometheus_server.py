@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's /usr/bin/prometheus) scraping the local Ray cluster, for tests.
+"""A real Prometheus (Debian's, on PATH) scraping the local Ray cluster, for tests.
 
 It reads the file-based service discovery that Ray writes for every node's metrics export port
 (`<session dir>/prom_metrics_service_discovery.json`), the same way Ray's own generated Prometheus
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,9 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-PROMETHEUS = Path("/usr/bin/prometheus")
+from llmserve_nb.cluster.ports import free_port
+from system_deps import require_prometheus
+
 SD_FILE = "prom_metrics_service_discovery.json"
 
 
@@ -40,14 +41,8 @@ def ray_service_discovery_file() -> Path:
     return Path(ray._private.worker.global_worker.node.get_session_dir_path()) / SD_FILE
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrometheusServer:
-    def __init__(self, sd_file: Path, scrape_interval_s: float = 1.0, binary: Path = PROMETHEUS):
+    def __init__(self, binary: str, sd_file: Path, scrape_interval_s: float = 1.0):
         self.sd_file = sd_file
         self.scrape_interval_s = scrape_interval_s
         self.binary = binary
@@ -75,10 +70,10 @@ class PrometheusServer:
         )
         for attempt in range(attempts):
             # Another process can take the port between our probe and Prometheus' bind: pick again.
-            self.port = _free_port()
+            self.port = free_port()
             log = (self.dir / "prometheus.log").open("w")
             self.proc = subprocess.Popen(
-                [str(self.binary), f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",
+                [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
@@ -167,17 +162,10 @@ class PrometheusServer:
             time.sleep(poll_s)
 
 
-def require_prometheus() -> Path:
-    if not PROMETHEUS.is_file():
-        pytest.skip("no /usr/bin/prometheus: apt-get install prometheus")
-    return PROMETHEUS
-
-
 @pytest.fixture(scope="module")
 def prometheus(cluster) -> Iterator[PrometheusServer]:
     """A Prometheus scraping the session's local Ray cluster every second."""
-    binary = require_prometheus()
-    server = PrometheusServer(ray_service_discovery_file(), binary=binary).start()
+    server = PrometheusServer(require_prometheus(), ray_service_discovery_file()).start()
     try:
         yield server
     finally:

@@ -13,21 +13,20 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import httpx
-import psutil
 
 from llmserve_nb.cluster import ClusterError
-from llmserve_nb.experiments.cluster_autoscaling import cluster_processes, stop_processes
+from llmserve_nb.cluster.ports import free_port, free_ports
+from llmserve_nb.experiments.cluster_autoscaling import stop_processes
 
 HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 WORKER_RESOURCE = "node2"
@@ -58,29 +57,15 @@ class RayTestCluster:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.ports['gcs']}"
 
-    def processes(self) -> list[psutil.Process]:
-        return ray_processes(self.temp_dir)
-
 
 def _pick_ports(preferred: dict[str, int]) -> dict[str, int]:
-    """Each preferred port if it is free on all interfaces (Ray binds 0.0.0.0), else an ephemeral one."""
-    with ExitStack() as held:  # hold every socket until all are picked, so no two names get the same port
-        ports = {}
-        for name, port in preferred.items():
-            for candidate in (port, 0):
-                s = held.enter_context(socket.socket())
-                try:
-                    s.bind(("0.0.0.0", candidate))
-                except OSError:
-                    continue
-                ports[name] = s.getsockname()[1]
-                break
-        return ports
-
-
-def ray_processes(temp_dir: Path) -> list[psutil.Process]:
-    """Ray daemons whose command line names `temp_dir`, and all their descendants (the package's finder)."""
-    return cluster_processes(temp_dir)
+    """Each preferred port (0: none) if it is free on all interfaces (Ray binds 0.0.0.0), else an ephemeral one.
+    The ephemeral ones are distinct, and never a preferred one: those lie below the ephemeral range."""
+    ports = free_ports(list(preferred))
+    for name, port in preferred.items():
+        if port and free_port(port, host="0.0.0.0") == port:
+            ports[name] = port
+    return ports
 
 
 def _ray_start(args: list[str], env: dict[str, str], timeout_s: float) -> None:

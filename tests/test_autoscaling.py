@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from llmserve_nb import AppConfig
+from llmserve_nb.backends import application, config_of_application, serve_config
+from llmserve_nb.config import LLM_POLICY
 from llmserve_nb.server.autoscaling_policy import PRESSURE_METRIC, llm_policy
-from llmserve_nb.config import LLM_POLICY, config_of_application
 
 
 def _ctx(pressures, current=2):
@@ -34,26 +35,27 @@ def test_policy_renders_as_a_serve_policy_and_targets_as_user_config():
 
     cfg = AppConfig().with_overrides(**{"deployment.autoscaling": {"policy": "llm", "target_ttft_s": 0.5,
                                                                     "max_replicas": 3}})
-    dep = cfg.to_application()["deployments"][0]
+    dep = application(cfg)["deployments"][0]
     assert dep["autoscaling_config"]["policy"] == {"policy_function": LLM_POLICY}
     assert "target_ttft_s" not in dep["autoscaling_config"]
     assert dep["user_config"]["autoscaling_targets"] == {"ttft_s": 0.5, "waiting_requests": 4.0}
-    ServeDeploySchema.model_validate(cfg.to_serve_config())
-    assert config_of_application(cfg.to_application()) == cfg
+    ServeDeploySchema.model_validate(serve_config(cfg))
+    assert config_of_application(application(cfg)) == cfg
     # Tuning a target is an in-place (user_config) change; the app's code version does not move.
     tuned = cfg.with_overrides(**{"deployment.autoscaling.target_ttft_s": 1.0})
     assert tuned.build_args() == cfg.build_args()
-    assert tuned.to_application()["deployments"][0]["autoscaling_config"] == dep["autoscaling_config"]
+    assert application(tuned)["deployments"][0]["autoscaling_config"] == dep["autoscaling_config"]
 
 
-def test_policy_comparison_reads_tuner_and_benchmark_runs_alike():
-    from llmserve_nb.experiments.autoscaling import policy_comparison
+def test_policy_comparison_is_one_row_per_policy_of_the_load_summaries():
+    from llmserve_nb.experiments.autoscaling import POLICY_COLUMNS, policy_comparison
 
-    tuner_run = {"scale_up_s": 7.5, "ttft_ms_p50": 300.0, "ttft_ms_p99": 900.0, "output_tok_per_s": 80.0,
-                 "completed": 40, "errors": 0}
-    bench_run = {"second_replica_running_s": 12.0, "ttft_ms_p50": 500.0, "ttft_ms_p99": 2000.0,
-                 "output_tok_per_s": 70.0, "completed": 35, "errors": 0}
-    table = policy_comparison({"llm": tuner_run, "ongoing_requests": bench_run, "none": {"scale_up_s": None}})
-    assert table.loc["llm", "scale_up_s"] == 7.5 and table.loc["ongoing_requests", "scale_up_s"] == 12.0
+    llm = {"scale_up_decided_s": 3.0, "scale_up_s": 7.5, "ttft_ms_p50": 300.0, "ttft_ms_p99": 900.0,
+           "output_tok_per_s": 80.0, "completed": 40, "errors": 0}
+    default = {"scale_up_decided_s": 6.0, "scale_up_s": 12.0, "ttft_ms_p50": 500.0, "ttft_ms_p99": 2000.0,
+               "output_tok_per_s": 70.0, "completed": 35, "errors": 0, "duration_s": 60.0}
+    table = policy_comparison({"llm": llm, "ongoing_requests": default, "none": {"scale_up_s": None}})
+    assert list(table.index) == ["llm", "ongoing_requests", "none"] and list(table.columns) == list(POLICY_COLUMNS)
+    assert table.loc["llm", "scale_up_s"] == 7.5 and table.loc["ongoing_requests", "scale_up_decided_s"] == 6.0
     assert table.loc["ongoing_requests", "ttft_ms_p99"] == 2000.0
     assert table.loc["none"].isna().all()  # no scale-up and nothing measured: empty, not invented

@@ -6,7 +6,6 @@ import asyncio
 import json
 import math
 import random
-import socket
 import threading
 import time
 
@@ -18,7 +17,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llmserve_nb import bench
-from llmserve_nb.bench import BenchRun, RequestResult, Workload
+from llmserve_nb.bench import Action, BenchRun, Event, RequestResult, Timeline, Workload, run_observed
+from llmserve_nb.cluster.ports import free_port
 from llmserve_nb.stats import percentile
 
 TTFT = 0.15  # the fake server's delay before the first chunk
@@ -82,6 +82,8 @@ class FakeOpenAI:
                         yield b"data: {not json\n\n"
                     if mode == "errorevent" and i == 0:
                         yield _sse({"error": {"message": "out of KV cache"}})
+                    if mode == "multiline":  # one event over two data lines, after a comment: valid SSE
+                        yield b": keep-alive\n\ndata: {\"choices\": [{\"index\": 0,\ndata: \"text\": \"cd\"}]}\n\n"
                 if mode != "nousage":
                     yield _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
                 yield b"data: [DONE]\n\n"
@@ -108,12 +110,6 @@ def fake():
     yield srv
     server.should_exit = True
     thread.join(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(url, **kw):
@@ -151,7 +147,7 @@ def test_summary_metrics_from_known_timings():
 
 
 def test_percentile_matches_numpy():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     vals = [random.Random(3).random() for _ in range(37)]
     for q in (0, 50, 90, 99, 100):
         assert percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
@@ -355,7 +351,7 @@ def test_timeout_is_counted(fake):
 
 
 def test_server_down_is_a_connect_error():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     r = run(url, num_requests=4, concurrency=2)
     assert time.monotonic() - t0 < 5
@@ -425,7 +421,7 @@ def test_sweep_report_files(fake, tmp_path):
 
 
 def test_ratio_table_divides_by_the_baseline_at_the_same_level():
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     summary = pd.DataFrame([
         {"label": "a", "concurrency": 1, "output_tok_per_s": 20.0, "ttft_ms_p50": 100.0, "tpot_ms_p50": 50.0, "e2e_ms_p50": 1000.0},
         {"label": "a", "concurrency": 8, "output_tok_per_s": 80.0, "ttft_ms_p50": 200.0, "tpot_ms_p50": 60.0, "e2e_ms_p50": 1500.0},
@@ -534,7 +530,111 @@ def test_cli_mixed_soak(fake, capsys):
 
 
 def test_cli_server_down_exits_1_with_reason(capsys):
-    rc = _cli(["bench", "--url", f"http://127.0.0.1:{_free_port()}", "--concurrency", "1", "--requests", "2",
+    rc = _cli(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--concurrency", "1", "--requests", "2",
                "--no-progress", "--warmup", "0"])
     err = capsys.readouterr().err
     assert rc == 1 and "connect=2" in err and "no request" in err
+
+
+def test_an_event_over_several_data_lines_is_one_chunk(fake):
+    r = run(fake.url + "/multiline", num_requests=1, output_tokens=8)
+    rr = r.results[0]
+    assert rr.status == "ok", rr.error
+    # 4 chunks of "abab" and, after each, one event split over two data lines (joined, it is valid JSON).
+    assert len(rr.chunk_times_s) == 8 and rr.tokens_from == "usage" and rr.output_tokens == 8
+
+
+# ---- run_observed: the one load-and-observe harness ---------------------------------------------
+
+def test_run_observed_samples_while_a_long_action_runs_and_once_after_it():
+    taken: list[int] = []
+    third = threading.Event()
+
+    def count() -> int:
+        taken.append(len(taken) + 1)
+        if len(taken) == 3:
+            third.set()
+        return taken[-1]
+
+    def recover() -> str:  # like kill-and-wait-for-the-replacement: returns only once sampling went on
+        assert third.wait(10)
+        return "recovered"
+
+    tl = run_observed(lambda: "load done", {"count": count}, [Action(0.0, "kill", recover)], every_s=0.02)
+    kill = tl.event("kill")
+    assert tl.result == "load done" and tl.ended
+    assert (kill.value, kill.error) == ("recovered", None) and kill.t_s <= kill.ended_s
+    counts = tl.values("count")
+    assert counts == list(range(1, len(counts) + 1)) and len(counts) >= 4  # 3 while the action ran, 1 after
+    assert tl.series("count")[-1][0] >= kill.ended_s
+
+
+def test_run_observed_records_failures_and_fires_nothing_after_the_load():
+    def broken_sampler():
+        raise ValueError("dashboard busy")
+
+    def broken_action():
+        raise RuntimeError("kill failed")
+
+    tl = run_observed(lambda: 7, {"bad": broken_sampler, "good": lambda: 1},
+                      [Action(0.0, "boom", broken_action), Action(60.0, "late", lambda: "never")], every_s=0.02)
+    assert tl.result == 7 and tl.duration_s < 5
+    assert [e.name for e in tl.events] == ["boom"]
+    assert isinstance(tl.events[0].error, RuntimeError) and tl.events[0].value is None
+    assert tl.samples["bad"] == [] and len(tl.sample_errors["bad"]) == len(tl.samples["good"])
+    assert all(isinstance(e, ValueError) for _, e in tl.sample_errors["bad"])
+
+    seen = []
+
+    def crash():
+        raise ConnectionError("load generator broke")
+
+    with pytest.raises(ConnectionError, match="load generator broke"):
+        run_observed(crash, {"n": lambda: 1}, on_sample=lambda t: seen.append(len(t.values("n"))), every_s=0.02)
+    assert seen and seen[-1] == len(seen)  # the timeline was completed before the load's error surfaced
+
+
+def test_run_observed_without_a_load_stops_when_told():
+    stop = threading.Event()
+
+    def enough(tl):
+        if len(tl.values("n")) == 2:
+            stop.set()
+
+    tl = run_observed(None, {"n": lambda: 5}, duration_s=60, stop=stop, on_sample=enough, every_s=0.01)
+    assert tl.values("n") == [5, 5] and tl.duration_s < 5
+    with pytest.raises(ValueError, match="a load or a duration_s"):
+        run_observed(None, {"n": lambda: 5})
+
+
+def test_wait_for_finds_a_sample_taken_before_the_wait_and_waits_for_new_ones():
+    done = Timeline(samples={"workers": [(0.0, 1), (1.0, 0), (2.0, 1), (3.0, 1)]}, ended=True)
+    assert done.wait_for("workers", lambda n: n == 1, since_s=0.5, timeout_s=1.0) == (2.0, 1)
+    with pytest.raises(LookupError, match="run ended"):
+        done.wait_for("workers", lambda n: n == 2, timeout_s=1.0)
+    with pytest.raises(TimeoutError, match="within 0.05s"):
+        Timeline(samples={"workers": [(0.0, 1)]}).wait_for("workers", lambda n: n == 2, timeout_s=0.05)
+
+    # Live: the load waits on the samples the harness takes meanwhile, and marks what it did.
+    tl: Timeline = Timeline()
+    counter = iter(range(100))
+
+    def load():
+        t, n = tl.wait_for("n", lambda n: n >= 3, timeout_s=10)
+        tl.mark("saw 3", n)
+        return t
+
+    run_observed(load, {"n": lambda: next(counter)}, every_s=0.01, timeline=tl)
+    assert tl.series("n")[3] == (tl.result, 3)
+    mark = tl.event("saw 3")
+    assert mark.value == 3 and mark.ended_s is None and mark.t_s >= tl.result
+
+
+def test_shifted_moves_every_time_onto_the_later_clock():
+    tl = Timeline(result="run", samples={"r": [(1.0, ["a"]), (2.5, [])]}, sample_errors={"r": [(3.0, OSError())]},
+                  events=[Event(2.0, "kill", {"replica_id": "a"}, ended_s=4.0), Event(2.2, "note")], duration_s=9.0)
+    moved = tl.shifted(0.5)
+    assert moved.result == "run" and moved.duration_s == 9.0
+    assert moved.series("r") == [(0.5, ["a"]), (2.0, [])] and moved.sample_errors["r"][0][0] == 2.5
+    assert [(e.t_s, e.name, e.ended_s) for e in moved.events] == [(1.5, "kill", 3.5), (1.7, "note", None)]
+    assert moved.t0 == tl.t0 + 0.5 and tl.series("r")[0] == (1.0, ["a"])  # the original is unchanged

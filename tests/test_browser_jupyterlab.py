@@ -1,10 +1,9 @@
 """A real browser (Debian's Chromium via Playwright) drives JupyterLab: the tuner widgets render,
 a slider edit plus a click on Apply reconfigures the running Serve app, the status line shows
-what Serve reports afterwards, and the live metrics chart redraws in place. Skips when
-/usr/bin/chromium or playwright is missing."""
+what Serve reports afterwards, and the live metrics chart redraws in place. Without chromium it skips
+(fails in CI)."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -13,23 +12,14 @@ from pathlib import Path
 import httpx
 import nbformat
 import pytest
+from playwright import sync_api
+
+from llmserve_nb.cluster.ports import free_port
 
 pytestmark = [pytest.mark.notebook, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
 TOKEN = "browser-test-token"
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tuner_notebook(path: Path) -> None:
     """Notebook 02 up to the tuner (no load phase): parameters, deploy, tuner."""
@@ -44,10 +34,11 @@ def _tuner_notebook(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory) -> str:
+    """JupyterLab's URL, serving a copy of notebook 02 cut after the tuner."""
     root = tmp_path_factory.mktemp("lab")
     _tuner_notebook(root / "tune.ipynb")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
          f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
@@ -65,7 +56,7 @@ def lab(tmp_path_factory):
             proc.kill()
             pytest.fail("JupyterLab did not start within 120 s")
         time.sleep(0.5)
-    yield url, root
+    yield url
     # SIGTERM shuts kernels down gracefully, and the kernel's atexit stops its embedded Ray.
     proc.terminate()
     try:
@@ -74,16 +65,15 @@ def lab(tmp_path_factory):
         proc.kill()
 
 
-def test_tuner_widgets_apply_batching_in_a_real_browser(lab, tmp_path):
-    url, root = lab
+def test_tuner_widgets_apply_batching_in_a_real_browser(chromium, lab, tmp_path):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+        browser = p.chromium.launch(executable_path=chromium, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync",
         ])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            page.goto(f"{url}/lab/tree/tune.ipynb?token={TOKEN}")
+            page.goto(f"{lab}/lab/tree/tune.ipynb?token={TOKEN}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
             # JupyterLab may ask which kernel to start (it does with a freshly registered kernelspec).
             try:

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from llmserve_nb.cluster import ClusterError
+from llmserve_nb.backends import backend_for
+from llmserve_nb.cluster import Cluster, ClusterError
+from llmserve_nb.config import AppConfig
 from llmserve_nb.experiments.cluster_autoscaling import (
     HEAD_NODE_TYPE,
     WORKER_NODE_TYPE,
     LocalAutoscalingCluster,
-    NodeReplicaTimeline,
     autoscaling_config,
     cluster_processes,
+    cluster_sampler,
     correspondence,
     kuberay_autoscaling_config,
     stop_processes,
@@ -66,12 +68,31 @@ def test_a_long_temp_dir_is_refused_before_anything_starts(tmp_path):
     assert lac.temp_dir is None and lac.processes() == []
 
 
-def test_timeline_finds_the_first_sample_after_a_mark_even_if_it_was_taken_before_the_wait():
-    timeline = NodeReplicaTimeline(LocalAutoscalingCluster(), cluster=None, interval_s=0.01)  # type: ignore[arg-type]
-    timeline.rows = [{"t_s": t, "worker_nodes": w} for t, w in ((0.0, 1), (1.0, 0), (2.0, 1), (3.0, 1))]
-    assert timeline.wait_for(lambda r: r["worker_nodes"] == 1, 0.5, 1.0, "a node") == 2.0
-    with pytest.raises(ClusterError, match="not within"):
-        timeline.wait_for(lambda r: r["worker_nodes"] == 2, 0.0, 0.05, "two nodes")
+def test_the_sampler_counts_nodes_and_the_replicas_on_worker_nodes():
+    config = AppConfig()
+
+    class TwoNodes(LocalAutoscalingCluster):
+        def nodes(self):
+            return [{"node_id": "head", "head": True, "node_type": HEAD_NODE_TYPE, "CPU": 1},
+                    {"node_id": "w1", "head": False, "node_type": WORKER_NODE_TYPE, "CPU": 1}]
+
+    class ThreeReplicas(Cluster):
+        """Serve wants 3 replicas: one runs on the head, one on the worker, one still starts there."""
+
+        def serve_details(self):
+            replicas = [{"replica_id": "a", "state": "RUNNING", "node_id": "head"},
+                        {"replica_id": "b", "state": "RUNNING", "node_id": "w1"},
+                        {"replica_id": "c", "state": "STARTING", "node_id": "w1"}]
+            deployment = backend_for(config).model_deployment(config)
+            return {"applications": {config.name: {"status": "RUNNING", "deployments": {
+                deployment: {"status": "UPSCALING", "target_num_replicas": 3, "replicas": replicas}}}}}
+
+    serve = ThreeReplicas("http://127.0.0.1:9", "http://127.0.0.1:9", kind="address", how="test")
+    assert cluster_sampler(TwoNodes(), serve, config)() == {
+        "nodes": 2, "worker_nodes": 1, "running_replicas": 2, "target_replicas": 3, "replicas_on_workers": 1}
+    # Before the deploy (or after the delete) Serve does not know the app: no replicas, no target.
+    assert cluster_sampler(TwoNodes(), serve, config.with_overrides(name="other"))() == {
+        "nodes": 2, "worker_nodes": 1, "running_replicas": 0, "target_replicas": 0, "replicas_on_workers": 0}
 
 
 @pytest.mark.ray

@@ -3,6 +3,7 @@
 Most tests here run against FAKES on localhost, not Ray: `FakeDashboard` answers the few Ray dashboard
 REST routes the client uses (`/api/version`, `/api/serve/applications/` GET/PUT/DELETE) with a tiny
 in-memory Serve state, and `FakeApp` plays the Serve proxy of one app (answering, hanging, or 503).
+Where a test only needs set answers, `httpx.MockTransport` stands in for both, passed as `transport=`.
 They pin the client's behaviour where real Ray cannot be made to misbehave on demand. The tests marked
 `ray` at the end run on the real embedded Ray of the test session.
 """
@@ -14,10 +15,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 
 from llmserve_nb import AppConfig, ClusterError, DeployError, connect
+from llmserve_nb.backends import application
 from llmserve_nb.cluster import AppHandle, Cluster, check_version_skew, read_ray_token
+from llmserve_nb.cluster.status import AppStatus
 from llmserve_nb.config import DEPLOYMENT_NAME
 
 
@@ -249,7 +253,7 @@ def test_dashboard_that_does_not_answer_is_a_timeout_error_with_its_url(fake_app
 def test_app_that_hangs_fails_fast_with_serves_status(dashboard, fake_app):
     fake_app.mode = "hang"
     config = AppConfig()
-    dashboard.add_app(config.to_application(), status="DEPLOY_FAILED", replicas=0,
+    dashboard.add_app(application(config), status="DEPLOY_FAILED", replicas=0,
                       message="The deployment failed to start 3 times in a row. OSError: /nonexistent is not a model")
     cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test")
     handle = AppHandle(cluster, config, request_timeout_s=0.5)
@@ -268,13 +272,13 @@ def test_app_that_hangs_fails_fast_with_serves_status(dashboard, fake_app):
 def test_app_answering_503_names_the_status_and_a_running_app_hints_at_the_timeout(dashboard, fake_app):
     fake_app.mode = "503"
     config = AppConfig()
-    dashboard.add_app(config.to_application(), status="DEPLOYING", replicas=0, message="Deploying new version.")
+    dashboard.add_app(application(config), status="DEPLOYING", replicas=0, message="Deploying new version.")
     handle = AppHandle(Cluster(dashboard.url, fake_app.url, kind="address", how="test"), config)
     with pytest.raises(ClusterError, match=r"HTTP 503: Service Unavailable\. Serve reports application 'llm' "
                                            r"DEPLOYING with 0 running replica\(s\): Deploying new version\."):
         handle.chat("hi")
     fake_app.mode = "hang"
-    dashboard.add_app(config.to_application(), status="RUNNING", replicas=1)
+    dashboard.add_app(application(config), status="RUNNING", replicas=1)
     handle.request_timeout_s = 0.3
     with pytest.raises(ClusterError, match=r"RUNNING with 1 running replica\(s\): the app looks healthy: .*"
                                            r"more than request_timeout_s=0\.3"):
@@ -299,19 +303,31 @@ def _ours(name: str, route: str) -> AppConfig:
 
 def test_shutdown_deletes_only_the_apps_this_session_deployed(dashboard, fake_app):
     theirs = _ours("theirs", "/theirs")
-    dashboard.add_app(theirs.to_application())
-    cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test")
+    dashboard.add_app(application(theirs))
+    closed: list[str] = []
+    cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test", on_close=lambda: closed.append("x"))
     attached = cluster.app("theirs")
     assert attached.config.name == "theirs" and cluster.deployed == set()
     cluster.deploy(_ours("mine", "/mine"), progress=None)
     assert set(dashboard.apps) == {"theirs", "mine"} and cluster.deployed == {"mine"}
     cluster.shutdown()
-    assert set(dashboard.apps) == {"theirs"}
+    assert set(dashboard.apps) == {"theirs"} and closed == ["x"]
     assert not [r for r in dashboard.requests if r[0] == "DELETE"]
+    cluster.close()
+    assert closed == ["x"]
+
+
+def test_close_keeps_every_app_and_stops_what_the_cluster_started(dashboard, fake_app):
+    closed: list[str] = []
+    cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test", on_close=lambda: closed.append("x"))
+    cluster.deploy(_ours("mine", "/mine"), progress=None)
+    cluster.close()
+    assert set(dashboard.apps) == {"mine"} and closed == ["x"]
+    assert [r[0] for r in dashboard.requests].count("PUT") == 1  # the deploy; close() sent nothing
 
 
 def test_an_app_a_rayservice_owns_is_never_deleted(dashboard, fake_app):
-    dashboard.add_app(AppConfig().to_application())
+    dashboard.add_app(application(AppConfig()))
     cluster = Cluster(dashboard.url, fake_app.url, kind="kuberay", how="test")
     cluster.managed_by = "llm-service"
     handle = cluster.app("llm")
@@ -345,27 +361,131 @@ def test_update_of_autoscaling_only_waits_until_serve_echoes_it(dashboard, fake_
     assert echoed["max_replicas"] == 3
 
 
-def test_is_current_compares_args_and_every_key_of_our_deployment_entry():
+def test_status_runs_compares_args_and_every_key_of_our_deployment_entry():
     config = AppConfig().with_overrides(**{"deployment.autoscaling": {"min_replicas": 1, "max_replicas": 2}})
-    handle = AppHandle(Cluster("http://127.0.0.1:9", "http://127.0.0.1:9", kind="address", how="test"), config)
 
-    def echo(app: dict) -> dict:
-        return {"deployed_app_config": app}
+    def echo(app: dict) -> AppStatus:
+        return AppStatus.parse("llm", {"status": "RUNNING", "deployed_app_config": app})
 
-    want = config.to_application()
-    assert handle._is_current(echo(want))
+    want = application(config)
+    assert echo(want).runs(want)
     # Serve's schema turns whole numbers into floats and adds keys of its own; neither makes it stale.
     entry = next(d for d in want["deployments"] if d["name"] == DEPLOYMENT_NAME)
     floats = {**entry, "autoscaling_config": {k: float(v) if isinstance(v, int) else v
                                               for k, v in entry["autoscaling_config"].items()},
               "logging_config": {"encoding": "TEXT"}}
-    assert handle._is_current(echo({**want, "deployments": [floats]}))
+    assert echo({**want, "deployments": [floats]}).runs(want)
     for key, value in entry.items():
         stale = {**entry, key: {"changed": True} if isinstance(value, dict) else "changed"}
-        assert not handle._is_current(echo({**want, "deployments": [stale]})), key
-    assert not handle._is_current(echo({**want, "deployments": []}))
-    assert not handle._is_current(echo({**want, "args": {**want["args"], "engine": {"model_source": "x"}}}))
-    assert not handle._is_current({})
+        assert not echo({**want, "deployments": [stale]}).runs(want), key
+    assert not echo({**want, "deployments": []}).runs(want)
+    assert not echo({**want, "args": {**want["args"], "engine": {"model_source": "x"}}}).runs(want)
+    assert not AppStatus("llm").runs(want)
+
+
+# ---- typed status and SSE, on set answers (httpx.MockTransport) ----------------------------
+
+SERVE_DETAILS = {
+    "http_options": {"host": "0.0.0.0", "port": 8000},
+    "applications": {
+        "llm": {
+            "status": "DEPLOYING", "message": "", "route_prefix": "/",
+            "deployed_app_config": application(AppConfig()),
+            "deployments": {DEPLOYMENT_NAME: {
+                "status": "UPSCALING", "message": "Upscaling from 1 to 2 replicas.", "target_num_replicas": 2,
+                "deployment_config": {"user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}},
+                "replicas": [
+                    {"replica_id": "r2", "state": "STARTING", "node_id": "bbbbbbbbbbbbbbbb", "pid": 12},
+                    {"replica_id": "r1", "state": "RUNNING", "node_id": "aaaaaaaaaaaaaaaa", "pid": 11},
+                ],
+            }},
+        },
+        "router": {"status": "RUNNING", "route_prefix": "/router", "deployments": {}},
+    },
+}
+
+
+def _transport(seen: list[httpx.Request], stream: list[httpx.Response] | None = None) -> httpx.MockTransport:
+    """The dashboard at http://dash answers SERVE_DETAILS; the Serve proxy at http://serve answers chat calls
+    (with the next of `stream` when the call streams)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "dash" and request.url.path == "/api/serve/applications/":
+            return httpx.Response(200, json=SERVE_DETAILS)
+        if request.url.host == "serve" and request.url.path == "/v1/chat/completions":
+            if json.loads(request.content).get("stream"):
+                return stream.pop(0)
+            return httpx.Response(200, json={"choices": [{"message": {"content": "Paris"}}]})
+        return httpx.Response(404, json={"error": {"message": f"no route {request.url}"}})
+
+    return httpx.MockTransport(handler)
+
+
+def test_serve_status_is_parsed_into_typed_records():
+    cluster = Cluster("http://dash", "http://serve", kind="address", how="test", transport=_transport([]))
+    assert sorted(cluster.app_statuses()) == ["llm", "router"]
+    st = cluster.app_status("llm")
+    dep = st.deployment(DEPLOYMENT_NAME)
+    assert (st.status, dep.status, dep.target_replicas, dep.running_ids) == ("DEPLOYING", "UPSCALING", 2, ["r1"])
+    assert dep.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert [(r.replica_id, r.state, r.pid) for r in st.replicas] == [("r2", "STARTING", 12), ("r1", "RUNNING", 11)]
+    assert st.running_replicas == 1 and st.serve_messages() == "Upscaling from 1 to 2 replicas."
+    assert st.deployment("absent").replicas == () and cluster.app_status("gone") is None
+    assert cluster.applications() == [
+        {"app": "llm", "route_prefix": "/", "app_status": "DEPLOYING", "deployment": DEPLOYMENT_NAME,
+         "deployment_status": "UPSCALING", "target_replicas": 2, "running_replicas": 1,
+         "nodes": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"], "message": "Upscaling from 1 to 2 replicas."},
+    ]
+    gone = AppHandle(cluster, AppConfig(name="gone", route_prefix="/gone")).status()
+    assert (gone.name, gone.status, gone.deployments) == ("gone", "NOT_DEPLOYED", {})
+
+
+def test_handles_the_cluster_creates_send_through_its_transport():
+    seen: list[httpx.Request] = []
+    cluster = Cluster("http://dash", "http://serve", kind="address", how="test", token="dash-token",
+                      transport=_transport(seen))
+    handle = cluster.app("llm")
+    assert (handle.name, handle.base_url, handle.model) == ("llm", "http://serve", AppConfig().engine.model_name)
+    handle.api_key = "app-key"
+    assert handle.chat("capital of France?") == "Paris"
+    assert [(r.method, str(r.url), r.headers.get("authorization")) for r in seen] == [
+        ("GET", "http://dash/api/serve/applications/", "Bearer dash-token"),
+        ("POST", "http://serve/v1/chat/completions", "Bearer app-key"),
+    ]
+    assert cluster.deployed == set()  # attached, not ours
+
+
+def _sse(*events: str, content_type: str = "text/event-stream") -> httpx.Response:
+    return httpx.Response(200, headers={"content-type": content_type},
+                          content="".join(f"data: {e}\n\n" for e in events).encode())
+
+
+def test_stream_chat_reads_events_until_done_and_raises_in_band_errors():
+    def delta(text: str) -> str:
+        return json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]})
+
+    role_only = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+    stream = [
+        _sse(role_only, delta("Par"), delta("is"), "[DONE]", delta("never read")),
+        _sse(delta("Par"), json.dumps({"error": {"message": "engine died: out of KV cache blocks"}})),
+        _sse(delta("Par"), content_type="application/json"),
+    ]
+    seen: list[httpx.Request] = []
+    transport = _transport(seen, stream)
+    handle = AppHandle(Cluster("http://dash", "http://serve", kind="address", how="test", transport=transport),
+                       AppConfig(), transport=transport)
+    assert list(handle.stream_chat("hi", max_tokens=4)) == ["Par", "is"]
+    assert json.loads(seen[0].content) == {"model": handle.model, "messages": [{"role": "user", "content": "hi"}],
+                                           "stream": True, "temperature": 0.0, "max_tokens": 4}
+    assert seen[0].headers["accept"] == "text/event-stream"
+    got: list[str] = []
+    with pytest.raises(ClusterError, match=r"^POST http://serve/v1/chat/completions \(stream\): the stream failed: "
+                                           r"engine died: out of KV cache blocks$"):
+        got.extend(handle.stream_chat("hi"))
+    assert got == ["Par"]
+    with pytest.raises(ClusterError, match=r"\(stream\): the answer is not an event stream: .*'application/json'"):
+        list(handle.stream_chat("hi"))
 
 
 # ---- on the real embedded Ray -------------------------------------------------------------
@@ -379,7 +499,7 @@ def test_real_deploy_of_a_missing_model_fails_fast_with_serves_message(cluster):
         with pytest.raises(DeployError, match=r"application 'missing-model' is DEPLOY_FAILED: (?s:.*)/nonexistent"):
             cluster.deploy(config, timeout_s=300, progress=None)
         assert time.monotonic() - t0 < 180
-        handle = cluster.handles["missing-model"]
+        handle = cluster.app("missing-model")
         handle.request_timeout_s = 5
         t1 = time.monotonic()
         with pytest.raises(ClusterError, match=r"Serve reports application 'missing-model' DEPLOY_FAILED"):

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the live app (schemathesis 4, through `llmserve_nb.experiments.reliability.fuzz_openapi`).
+"""Property-based fuzzing of the live app (schemathesis 4, through `openapi_fuzz.fuzz_openapi`, a test tool here).
 
 Every operation of the app's `/openapi.json` gets generated requests, valid ("positive") and invalid
 ("negative"), sent with the API key. Each answer must not be a 5xx and must conform to the document:
@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from conftest import API_KEY
+from openapi_fuzz import fuzz_openapi
 from test_reliability import warm_cluster
 
 EXAMPLES = 15  # per operation and generation mode
@@ -30,13 +31,13 @@ def fuzz_app(request):
 
 @pytest.mark.ray
 def test_fuzz_openapi_no_5xx_and_responses_match_the_document(fuzz_app):
-    from llmserve_nb.experiments.reliability import fuzz_openapi
-
     report = fuzz_openapi(fuzz_app.base_url, api_key=API_KEY, max_examples=EXAMPLES, seed=0)
     print("FUZZ", json.dumps(report, sort_keys=True))
     ops = {r["operation"] for r in report["operations"]}
     assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /generate", "GET /v1/models"} <= ops
-    assert report["cases"] >= len(report["operations"]) * 5  # it really sent requests
+    # Both generation modes ran for every operation, and each sent requests or says why it could not.
+    assert len(report["operations"]) == 2 * len(ops)
+    assert all(r["cases"] >= 1 or "skipped" in r for r in report["operations"]), report["operations"]
     # The API key was sent: generated valid requests were served, not all refused with 401.
     assert any(r["statuses"].get("200") for r in report["operations"] if r["operation"] == "POST /generate")
     assert report["findings"] == [], json.dumps(report["findings"], indent=1)

@@ -1,5 +1,5 @@
 """The rendered k8s/ tree: valid against the KubeRay, Gateway API and Prometheus Operator CRDs and the
-Kubernetes schemas, committed == rendered, serveConfigV2 == AppConfig.to_serve_config(), no Secret with a
+Kubernetes schemas, committed == rendered, serveConfigV2 == backends.serve_config(AppConfig), no Secret with a
 literal value, Ray token auth everywhere, and the CPU and rollout overlays' patches produce the intended
 RayServices.
 
@@ -19,21 +19,11 @@ import pytest
 import yaml
 
 from llmserve_nb import k8s
+from llmserve_nb.backends import get_backend, serve_config
 from llmserve_nb.backends.vllm import render as vllm_app
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-
-
-@pytest.fixture(scope="module")
-def crds() -> Path:
-    d = k8s.crd_dir()
-    if not (d / "ray.io_rayservices.yaml").exists() or not (d / "ray.io_rayclusters.yaml").exists():
-        pytest.skip(
-            f"KubeRay CRDs not found in {d}: set {k8s.CRD_ENV}=DIR with ray.io_rayservices.yaml and "
-            "ray.io_rayclusters.yaml (`kubectl get crd rayservices.ray.io -o yaml > DIR/ray.io_rayservices.yaml`)"
-        )
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +72,7 @@ def test_committed_tree_validates_including_kustomize_references(crds):
     assert k8s.validate_files([K8S], crds=crds) == []
 
 
-def test_serve_config_v2_is_the_yaml_of_to_serve_config(rendered):
+def test_serve_config_v2_is_the_yaml_of_the_serve_config(rendered):
     for rel, name, prof in [
         ("base/rayservice-gpu.yaml", "llm", "gpu"),
         ("rayservice-fractional-gpu.yaml", "llm-half", "gpu-half"),
@@ -90,16 +80,16 @@ def test_serve_config_v2_is_the_yaml_of_to_serve_config(rendered):
     ]:
         svc = next(d for d in rendered[rel] if d["metadata"]["name"] == name)
         text = svc["spec"]["serveConfigV2"]
-        assert text == yaml.safe_dump(k8s.profile(prof).to_serve_config(), sort_keys=False)
-        assert yaml.safe_load(text) == k8s.profile(prof).to_serve_config()
+        assert text == yaml.safe_dump(serve_config(k8s.profile(prof)), sort_keys=False)
+        assert yaml.safe_load(text) == serve_config(k8s.profile(prof))
     committed = yaml.safe_load((K8S / "base" / "rayservice-gpu.yaml").read_text())
-    assert yaml.safe_load(committed["spec"]["serveConfigV2"]) == k8s.profile("gpu").to_serve_config()
+    assert yaml.safe_load(committed["spec"]["serveConfigV2"]) == serve_config(k8s.profile("gpu"))
 
 
 def test_vllm_rayservice_serves_the_vllm_profile_through_ray_serve_llm(crds, rendered):
     [svc] = rendered["rayservice-vllm-gpu.yaml"]
     assert svc["metadata"]["name"] == "llm-vllm"
-    assert svc["spec"]["serveConfigV2"] == yaml.safe_dump(k8s.profile("vllm-gpu").to_serve_config(), sort_keys=False)
+    assert svc["spec"]["serveConfigV2"] == yaml.safe_dump(serve_config(k8s.profile("vllm-gpu")), sort_keys=False)
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
     assert app["import_path"] == "ray.serve.llm:build_openai_app"
     [llm_config] = app["args"]["llm_configs"]
@@ -117,11 +107,14 @@ def test_the_vllm_rayservice_turns_on_rays_high_throughput_serving_and_the_trans
         spec = cluster["headGroupSpec"] if group == "head" else cluster["workerGroupSpecs"][0]
         return {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
 
+    want = get_backend("vllm").cluster_env(k8s.profile("vllm-gpu"))
+    assert want == vllm_app.HIGH_THROUGHPUT_ENV
+    assert want == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert get_backend("transformers").cluster_env(k8s.profile("gpu")) == {}
     [vllm] = rendered["rayservice-vllm-gpu.yaml"]
     for group in ("head", "worker"):
-        assert {k: env(vllm, group).get(k) for k in vllm_app.HIGH_THROUGHPUT_ENV} == vllm_app.HIGH_THROUGHPUT_ENV
-        assert not set(vllm_app.HIGH_THROUGHPUT_ENV) & set(env(_gpu_service(rendered), group))
-    assert vllm_app.HIGH_THROUGHPUT_ENV == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+        assert {k: env(vllm, group).get(k) for k in want} == want
+        assert not set(want) & set(env(_gpu_service(rendered), group))
 
 
 def test_gpu_profile_asks_one_gpu_per_replica(rendered):
@@ -239,9 +232,11 @@ def test_readme_documents_rotation_and_the_ray_token_secret():
     assert "`auth_token`" in readme and "auth_token_secret_name" in readme
 
 
-def test_pods_get_the_api_key_under_the_name_serve_app_reads(rendered):
-    from llmserve_nb.server.app import API_KEY_ENV
+def test_pods_get_the_api_key_under_the_name_the_replicas_read(rendered):
+    """Both backends' replicas (server.app, server.vllm_ingress) and the manifests take the name from config."""
+    from llmserve_nb.config import API_KEY_ENV
 
+    assert k8s.API_KEY_ENV == API_KEY_ENV == "LLMSERVE_NB_API_KEY"
     head = rendered["base/rayservice-gpu.yaml"][0]["spec"]["rayClusterConfig"]["headGroupSpec"]
     env = head["template"]["spec"]["containers"][0]["env"]
     assert {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": "llmserve-api-key", "key": "api-key"}}} in env
@@ -294,7 +289,7 @@ def test_cpu_overlay_patches_produce_the_cpu_rayservice(crds):
     assert patched == k8s.cpu_rayservice()
     assert k8s.validate_manifest(patched, crds=crds) == []
     serve = yaml.safe_load(patched["spec"]["serveConfigV2"])
-    assert serve == k8s.profile("cpu").to_serve_config()
+    assert serve == serve_config(k8s.profile("cpu"))
     assert serve["applications"][0]["args"].get("engine", {}).get("model_source", "smollm2") == "smollm2"
     assert "num_gpus" not in serve["applications"][0]["deployments"][0]["ray_actor_options"]
     assert "nvidia.com/gpu" not in yaml.safe_dump(patched) and "tolerations" not in yaml.safe_dump(patched)
@@ -327,7 +322,7 @@ def test_rollout_overlay_makes_the_gpu_rayservice_upgrade_incrementally(crds):
     assert set(opts) == {"gatewayClassName", "maxSurgePercent", "stepSizePercent", "intervalSeconds"}
     assert 0 < opts["stepSizePercent"] <= opts["maxSurgePercent"] <= 100 and opts["intervalSeconds"] > 0
     assert patched["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-    assert yaml.safe_load(patched["spec"]["serveConfigV2"]) == k8s.profile("gpu").to_serve_config()
+    assert yaml.safe_load(patched["spec"]["serveConfigV2"]) == serve_config(k8s.profile("gpu"))
     assert "num_gpus" in yaml.safe_dump(yaml.safe_load(patched["spec"]["serveConfigV2"]))
 
 
@@ -425,7 +420,7 @@ def test_auth_token_secret_name_follows_kuberays_check_name(cluster, secret):
     assert k8s.auth_token_secret_name(cluster) == (secret, "auth_token")
 
 
-_needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (built-in kustomize) not on PATH")
+_needs_kubectl = pytest.mark.usefixtures("kubectl")  # its built-in kustomize (conftest: skip, or fail in CI)
 
 
 def _kustomize(folder: Path) -> subprocess.CompletedProcess:

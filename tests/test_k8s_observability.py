@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,14 +14,12 @@ import pytest
 import yaml
 
 from llmserve_nb import k8s
+from llmserve_nb.backends import all_backends, get_backend
 from llmserve_nb.config import EngineConfig
-from llmserve_nb.k8s.observability import ENGINE_PREFIX, VLLM_METRICS
 from llmserve_nb.observability.promql import METRIC_NAMES
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
-_needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not on PATH (Debian/Ubuntu: apt-get install prometheus)"
-)
+_needs_promtool = pytest.mark.usefixtures("promtool")  # conftest: skip, or fail in CI
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +86,9 @@ def test_alerts_cover_latency_errors_scaling_and_queue(rendered):
     # The vLLM RayService's group watches vLLM's metrics.
     vllm = groups["llmserve-nb.llm-vllm"]
     assert "ray_vllm_time_to_first_token_seconds_bucket" in vllm["LLMServeTTFTHigh"]["expr"]
-    assert 'deployment=~"LLMServer.*"' in vllm["LLMServeReplicasAtMax"]["expr"]
+    # Each group watches its own model deployment's target.
+    assert 'deployment="LLMServer:SmolLM2-135M-Instruct"' in vllm["LLMServeReplicasAtMax"]["expr"]
+    assert 'deployment="LLMServer"' in llm["LLMServeReplicasAtMax"]["expr"]
 
 
 def test_alerts_follow_the_backend_the_config_selects():
@@ -146,13 +145,17 @@ def test_every_expression_names_only_exported_metrics(backend):
     exprs = k8s.all_promql_expressions(backend)
     assert {k.split("/")[0] for k in exprs} == {"dashboard", "alert", "hpa"}
     assert not [e for e in exprs.values() if "$" in e or "<<" in e], "unsubstituted template variables"
-    engine = set(METRIC_NAMES) if backend == "transformers" else _ray_vllm_metric_names()
-    assert VLLM_METRICS <= _ray_vllm_metric_names()
+    # Independent lists of what each engine exports: the app's own names, and Ray's Serve LLM dashboard.
+    exported = {"transformers": set(METRIC_NAMES), "vllm": _ray_vllm_metric_names()}
+    assert get_backend("transformers").engine_metrics == exported["transformers"]
+    assert get_backend("vllm").engine_metrics <= exported["vllm"]
+    engine = exported[backend]
     serve = _ray_serve_metric_names()
     assert "ray_serve_num_http_requests_total" in serve and "ray_serve_deployment_replica_healthy" in serve
-    other = ENGINE_PREFIX["vllm" if backend == "transformers" else "transformers"]
+    others = [b.metric_prefix for b in all_backends() if b.name != backend]
+    assert others and get_backend(backend).metric_prefix not in others
     for key, expr in exprs.items():
-        assert other not in expr, key
+        assert not [p for p in others if p in expr], key
         for name in re.findall(r"\bray_[a-z0-9_]+", expr):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             assert base in engine | serve, f"{key}: {name} is exported by neither the engine nor Ray Serve 2.60"
@@ -165,5 +168,15 @@ def test_all_promql_expressions_targets_the_given_app():
     assert "[30s]" in exprs["dashboard/Time to first token/p99"]
     assert "alert/LLMServeReplicasAtMax" not in exprs  # fixed replicas
     assert exprs["alert/LLMServeTTFTHigh"] == next(a.signal for a in k8s.alerts(app) if a.name == "LLMServeTTFTHigh")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="unknown backend 'sglang'"):
         k8s.all_promql_expressions("sglang")
+
+
+def test_dashboard_panels_follow_the_metrics_each_backend_exports():
+    """A panel is shipped for a backend when that backend exports its engine metrics: the admission batch
+    histogram is the transformers engine's only."""
+    panels = {b.name: {k for k in k8s.all_promql_expressions(b.name) if k.startswith("dashboard/")}
+              for b in all_backends()}
+    admission = {"dashboard/Admission batch size/p50", "dashboard/Admission batch size/p99"}
+    assert admission <= panels["transformers"]
+    assert panels["vllm"] == panels["transformers"] - admission

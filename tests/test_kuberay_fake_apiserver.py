@@ -3,10 +3,11 @@
 The server is kmock's `KubernetesEmulator`: a stateful fake of the API server that stores the objects we
 create and answers get/list/patch/status over real HTTP, driven by the real `kubernetes` client. It is not
 a kube-apiserver: it ignores label selectors, has no RBAC, no resourceVersion and no port-forward
-websocket, so forbidden answers are injected and the client-library port-forward's relaying is not covered.
+websocket, so forbidden answers are injected and the port-forward is a FAKE `kubectl` script on PATH that
+prints kubectl's port-forward lines and records how it was called (the kubeconfig it was given included).
 Test names say `fake_apiserver` to keep that visible. The public path, `llmserve_nb.connect(kuberay=...,
-api_client=...)`, is tested end to end against it with two more fakes from test_cluster_client: a `kubectl` script
-on PATH that prints kubectl's port-forward lines, pointing at a FakeDashboard that checks the bearer token.
+api_client=...)`, is tested end to end against it with that kubectl pointing at a FakeDashboard (from
+test_cluster_client) that checks the bearer token.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import base64
 import json
 import logging
 import os
-import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ import pytest
 from kubernetes import client
 
 from llmserve_nb import AppConfig, ClusterError, DeployError, connect
-from llmserve_nb.cluster.kuberay import KubeRayCluster, KubeRayError, auth_secret_name, versions_from_image
+from llmserve_nb.backends import application
+from llmserve_nb.cluster.errors import KubeRayError
+from llmserve_nb.cluster.kuberay import KubeRayCluster, auth_secret_name, versions_from_image
+from llmserve_nb.cluster.portforward import kubeconfig_of
 from test_cluster_client import FakeDashboard
 
 NS = "team-a"
@@ -131,7 +135,9 @@ def test_fake_apiserver_ready_raycluster_is_found(fake_apiserver):
     kind, obj = kr.resource()
     assert (kind, obj["metadata"]["name"]) == ("RayCluster", "nb")
     ready, summary = kr.readiness()
-    assert ready and "HeadPodReady=True" in summary and "workers ready 1/1" in summary
+    assert ready is True and summary == (
+        f"RayCluster {NS}/nb: state=ready, HeadPodReady=True (Ok), RayClusterProvisioned=True (Ok), workers ready 1/1"
+    )
     kr.wait_ready(timeout_s=1, poll_s=0.05)
     assert kr.versions() == ("2.60.0", "3.11")
 
@@ -277,43 +283,23 @@ def test_fake_apiserver_missing_head_service_lists_services(fake_apiserver):
         _cluster(fake_apiserver).head_service()
 
 
-def test_fake_apiserver_head_pod_is_filtered_client_side(fake_apiserver):
-    def pod(name: str, cluster: str, node_type: str, phase: str) -> None:
-        fake_apiserver.core.create_namespaced_pod(
-            NS,
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name, "labels": {"ray.io/cluster": cluster, "ray.io/node-type": node_type}},
-                "spec": {"containers": [{"name": "ray", "image": HEAD_IMAGE}]},
-            },
-        )
-        fake_apiserver.core.patch_namespaced_pod_status(name, NS, {"status": {"phase": phase}})
-
-    pod("a-worker", "a", "worker", "Running")
-    pod("b-head", "b", "head", "Running")
-    pod("a-head-old", "a", "head", "Failed")
-    pod("a-head", "a", "head", "Running")
-    kr = _cluster(fake_apiserver, "a")
-    assert kr.head_pod("a") == "a-head"
-    with pytest.raises(KubeRayError, match="no running head pod of RayCluster 'c'"):
-        kr.head_pod("c")
-
-
 def _fake_kubectl(tmp_path: Path, monkeypatch, forwards: dict[int, int] | None = None, stderr_bytes: int = 0) -> Path:
     """Put a FAKE `kubectl` first on PATH: it prints what `kubectl port-forward` prints, then stays up like it.
 
-    `forwards` maps remote ports to the local ports it claims (default 40000 + port % 10000). It records its pid
-    and arguments in `kubectl-args`. With `stderr_bytes` it then writes that much to stderr and touches
-    `stderr-written`, which it reaches only while someone reads its stderr (a pipe holds 64 KiB).
+    `forwards` maps remote ports to the local ports it claims (default 40000 + port % 10000). It records its pid,
+    arguments and the kubeconfig it was given (`--kubeconfig`, else None) in `kubectl-call` (JSON). With
+    `stderr_bytes` it then writes that much to stderr and touches `stderr-written`, which it reaches only while
+    someone reads its stderr (a pipe holds 64 KiB).
     """
-    record, marker = tmp_path / "kubectl-args", tmp_path / "stderr-written"
+    record, marker = tmp_path / "kubectl-call", tmp_path / "stderr-written"
     mapping = json.dumps({str(k): v for k, v in (forwards or {}).items()})
     fake = tmp_path / "kubectl"
     fake.write_text(f"""#!{sys.executable}
 import json, os, sys, time
 forwards = json.loads({mapping!r})
-open({str(record)!r}, "w").write(str(os.getpid()) + "\\n" + " ".join(sys.argv[1:]))
+args = sys.argv[1:]
+kubeconfig = json.load(open(args[args.index("--kubeconfig") + 1])) if "--kubeconfig" in args else None
+json.dump({{"pid": os.getpid(), "args": args, "kubeconfig": kubeconfig}}, open({str(record)!r}, "w"))
 for a in sys.argv[1:]:
     if a.startswith(":"):
         local = forwards.get(a[1:], 40000 + int(a[1:]) % 10000)
@@ -331,8 +317,12 @@ time.sleep(60)
     return record
 
 
+def _kubectl_call(record: Path) -> dict:
+    return json.loads(record.read_text())
+
+
 def _kubectl_pid(record: Path) -> int:
-    return int(record.read_text().split("\n")[0])
+    return _kubectl_call(record)["pid"]
 
 
 def _gone(pid: int, within_s: float = 10.0) -> bool:
@@ -346,13 +336,21 @@ def _gone(pid: int, within_s: float = 10.0) -> bool:
     return False
 
 
-def test_fake_apiserver_port_forward_through_kubectl(fake_apiserver, tmp_path, monkeypatch):
+def test_fake_apiserver_port_forward_goes_through_the_api_client_it_read(fake_apiserver, tmp_path, monkeypatch):
     fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
     fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
     record = _fake_kubectl(tmp_path, monkeypatch)
-    conn = _cluster(fake_apiserver).connect(port_forward="kubectl")
-    pid, args = record.read_text().split("\n")
-    assert args == f"port-forward --address 127.0.0.1 -n {NS} svc/nb-head-svc :8265 :8000 :10001"
+    fake_apiserver.api.configuration.api_key["BearerToken"] = "Bearer t0ken"
+    conn = _cluster(fake_apiserver).connect()
+    call = _kubectl_call(record)
+    kubeconfig_file = call["args"][1]
+    assert call["args"] == ["--kubeconfig", kubeconfig_file, "port-forward", "--address", "127.0.0.1", "-n", NS,
+                            "svc/nb-head-svc", ":8265", ":8000", ":10001"]
+    # kubectl reaches the API server the api_client does, with its credentials, not the user's kubeconfig.
+    assert call["kubeconfig"]["clusters"] == [{"name": "api", "cluster": {"server": fake_apiserver.url}}]
+    assert call["kubeconfig"]["users"] == [{"name": "api", "user": {"token": "t0ken"}}]
+    assert call["kubeconfig"]["contexts"][0]["context"]["namespace"] == NS
+    assert stat.S_IMODE(os.stat(kubeconfig_file).st_mode) == 0o600
     assert (conn.how, conn.dashboard_url, conn.serve_url, conn.client_address) == (
         "port-forward",
         "http://127.0.0.1:48265",
@@ -362,21 +360,37 @@ def test_fake_apiserver_port_forward_through_kubectl(fake_apiserver, tmp_path, m
     conn.close()
     conn.close()
     with pytest.raises(ProcessLookupError):
-        os.kill(int(pid), 0)
+        os.kill(call["pid"], 0)
+    assert not os.path.exists(kubeconfig_file), "the kubeconfig holding the token outlived the port-forward"
+
+
+def test_kubeconfig_of_a_client_configuration_keeps_tls_and_credentials():
+    cfg = client.Configuration()
+    cfg.host, cfg.ssl_ca_cert, cfg.cert_file, cfg.key_file = "https://k8s:6443", "/ca.pem", "/me.crt", "/me.key"
+    cfg.api_key["BearerToken"] = "bearer from-a-pod"
+    kubeconfig = kubeconfig_of(cfg, "team-b")
+    assert kubeconfig["clusters"][0]["cluster"] == {"server": "https://k8s:6443", "certificate-authority": "/ca.pem"}
+    assert kubeconfig["users"][0]["user"] == {"token": "from-a-pod", "client-certificate": "/me.crt",
+                                              "client-key": "/me.key"}
+    assert kubeconfig["current-context"] == "api" and kubeconfig["contexts"][0]["context"]["namespace"] == "team-b"
+    cfg.verify_ssl = False
+    cfg.api_key = {}
+    kubeconfig = kubeconfig_of(cfg, "team-b")
+    assert kubeconfig["clusters"][0]["cluster"]["insecure-skip-tls-verify"] is True
+    assert kubeconfig["users"][0]["user"] == {"client-certificate": "/me.crt", "client-key": "/me.key"}
 
 
 def test_fake_apiserver_kubectl_stderr_is_drained_so_it_never_blocks(fake_apiserver, tmp_path, monkeypatch, caplog):
     fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
     fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
     _fake_kubectl(tmp_path, monkeypatch, stderr_bytes=256 * 1024)
-    with caplog.at_level(logging.WARNING, logger="llmserve_nb.cluster.kuberay"), _cluster(fake_apiserver).connect(
-        port_forward="kubectl"
-    ):
+    with caplog.at_level(logging.WARNING, logger="llmserve_nb.cluster.portforward"), _cluster(fake_apiserver).connect():
         deadline = time.monotonic() + 10
         while not (tmp_path / "stderr-written").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert (tmp_path / "stderr-written").exists(), "kubectl blocked on a full stderr pipe"
-    assert any("an error occurred forwarding 8265" in r.getMessage() for r in caplog.records)
+    logged = [r.getMessage() for r in caplog.records if r.name == "llmserve_nb.cluster.portforward"]
+    assert logged[0] == "kubectl port-forward svc/nb-head-svc: E0101 portforward.go: an error occurred forwarding 8265 -> 8265"
 
 
 def test_fake_apiserver_kubectl_is_stopped_when_the_kernel_exits_without_closing(fake_apiserver, tmp_path, monkeypatch):
@@ -388,12 +402,13 @@ from kubernetes import client
 from llmserve_nb.cluster.kuberay import KubeRayCluster
 cfg = client.Configuration()
 cfg.host = {fake_apiserver.url!r}
-conn = KubeRayCluster("nb", {NS!r}, api_client=client.ApiClient(cfg)).connect(port_forward="kubectl")
+conn = KubeRayCluster("nb", {NS!r}, api_client=client.ApiClient(cfg)).connect()
 print(conn.dashboard_url)
 """  # and exits without conn.close()
     done = subprocess.run([sys.executable, "-c", kernel], capture_output=True, text=True, timeout=60, env=os.environ)
     assert done.returncode == 0 and "http://127.0.0.1:48265" in done.stdout, done.stderr[-2000:]
     assert _gone(_kubectl_pid(record)), "kubectl port-forward outlived the process that started it"
+    assert not os.path.exists(_kubectl_call(record)["args"][1]), "its kubeconfig outlived the process"
 
 
 def test_fake_apiserver_kubectl_failure_shows_its_stderr(fake_apiserver, tmp_path, monkeypatch):
@@ -406,39 +421,20 @@ def test_fake_apiserver_kubectl_failure_shows_its_stderr(fake_apiserver, tmp_pat
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     with pytest.raises(KubeRayError, match=r"exited with 1: error: services \"nb-head-svc\" not found"):
-        _cluster(fake_apiserver).connect(port_forward="kubectl")
+        _cluster(fake_apiserver).connect()
+    assert not list((tmp_path / "tmp").iterdir()), "a failed port-forward left its kubeconfig behind"
 
 
-def test_fake_apiserver_client_port_forward_logs_failures_and_closes(fake_apiserver, monkeypatch, caplog):
+def test_fake_apiserver_without_kubectl_outside_the_cluster_says_what_to_install(fake_apiserver, tmp_path, monkeypatch):
     fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
     fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
-    fake_apiserver.core.create_namespaced_pod(
-        NS,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "nb-head-0", "labels": {"ray.io/cluster": "nb", "ray.io/node-type": "head"}},
-            "spec": {"containers": []},
-        },
-    )
-    fake_apiserver.core.patch_namespaced_pod_status("nb-head-0", NS, {"status": {"phase": "Running"}})
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    conn = _cluster(fake_apiserver).connect(port_forward="client")
-    port = int(conn.dashboard_url.rsplit(":", 1)[1])
-    assert conn.how == "port-forward" and conn.dashboard_url.startswith("http://127.0.0.1:")
-    with caplog.at_level(logging.WARNING, logger="llmserve_nb.cluster.kuberay"):
-        # The fake API server has no port-forward websocket: the relay fails, and says so in the log.
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.settimeout(10)
-            assert s.recv(1) == b""  # closed by the forwarder, not left hanging
-        deadline = time.monotonic() + 10
-        while not caplog.records and time.monotonic() < deadline:
-            time.sleep(0.1)
-    assert any(f"port-forward to pod {NS}/nb-head-0 port 8265 failed" in r.getMessage() for r in caplog.records)
-    conn.close()
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    with pytest.raises(KubeRayError, match=r"needs `kubectl` on PATH for the port-forward .* or run this kernel in a pod"):
+        _cluster(fake_apiserver).connect()
 
 
 def _secret(server: FakeApiServer, name: str, data: dict[str, bytes]) -> None:
@@ -516,7 +512,7 @@ def head(fake_apiserver, tmp_path, monkeypatch):
 
 
 def _connect(server: FakeApiServer, name: str = "nb", **kw):
-    return connect(kuberay=name, namespace=NS, api_client=server.api, port_forward="kubectl", timeout_s=5, **kw)
+    return connect(kuberay=name, namespace=NS, api_client=server.api, timeout_s=5, **kw)
 
 
 TOKEN_RC_SPEC = {**RC_SPEC, "rayVersion": "2.60.0", "authOptions": {"mode": "token"}}
@@ -550,7 +546,7 @@ def test_fake_apiserver_connect_kuberay_to_a_rayservice_is_managed(fake_apiserve
         "activeServiceStatus": {"rayClusterName": "llm-x7k2p", "applicationStatuses": {"llm": {"status": "RUNNING"}}},
     })
     fake_apiserver.add_cr("RayCluster", "llm-x7k2p", TOKEN_RC_SPEC, READY)  # its Secret is named after it
-    head.add_app(AppConfig().to_application())
+    head.add_app(application(AppConfig()))
     cluster = _connect(fake_apiserver, "llm")
     assert cluster.managed_by == "llm"
     with pytest.raises(DeployError, match="belongs to RayService 'llm'"):
@@ -590,6 +586,12 @@ current-context: other
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     fake_apiserver.add_cr("RayCluster", "nb", RC_SPEC, READY)
+    fake_apiserver.add_service("nb-head-svc", HEAD_PORTS)
     assert KubeRayCluster("nb").namespace == "elsewhere"
     kr = KubeRayCluster("nb", context="team")
     assert kr.namespace == NS and kr.readiness()[0] is True
+    # The port-forward uses the same kubeconfig (kubectl reads $KUBECONFIG) and context, not a written one.
+    record = _fake_kubectl(tmp_path, monkeypatch)
+    with kr.connect() as conn:
+        assert _kubectl_call(record)["args"][:3] == ["--context", "team", "port-forward"]
+        assert _kubectl_call(record)["kubeconfig"] is None and conn.dashboard_url == "http://127.0.0.1:48265"

@@ -117,5 +117,8 @@ def test_greedy_answers_are_unchanged_when_rows_join_finish_out_of_order_and_mov
                 await asyncio.sleep(0.005)
         return [(await s.collect()).text for s in streams]
 
-    assert asyncio.run(asyncio.wait_for(go(), 300)) == alone
-    assert served.stats()["running_max"] >= 4
+    try:
+        assert asyncio.run(asyncio.wait_for(go(), 300)) == alone
+        assert served.stats()["running_max"] >= 4
+    finally:
+        served.close()

@@ -97,4 +97,4 @@ def test_deploy_pins_replica_to_worker_and_serves(remote: Cluster, ray_cluster: 
         assert r.json()["generated_text"].strip()
     finally:
         handle.shutdown()
-    assert config.name not in (remote.serve_details().get("applications") or {})
+    assert remote.app_status(config.name) is None

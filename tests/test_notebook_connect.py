@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import nbformat
 import pytest
 
 from llmserve_nb import k8s
 from llmserve_nb.notebooks import read_results, run_notebook
 from ray_cluster import WORKER_RESOURCE, RayTestCluster, running_cluster
 
-nbformat = pytest.importorskip("nbformat")
 
 pytestmark = pytest.mark.notebook
 

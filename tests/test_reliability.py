@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import API_KEY
+from llmserve_nb.bench import Action, BenchRun, Event, RequestResult, Timeline, Workload
 from llmserve_nb.experiments import reliability as rel
 
 APP = "reliability-test"
@@ -30,8 +31,6 @@ def warm_cluster(request):
     """The session's `cluster`, after starting the embedded Ray with retries: on a loaded 2-core machine
     Ray's fixed 30 s raylet start-up wait is sometimes not enough, and pytest would cache the failure for
     the whole session. `connect()` reuses the Ray it started, so the `cluster` fixture then attaches."""
-    import time
-
     from llmserve_nb import connect
     from llmserve_nb.cluster import ClusterError
 
@@ -67,43 +66,51 @@ def _widened(app):
 
 
 def _load(tiny, seconds: float, concurrency: int = 4, actions=()):
-    from llmserve_nb.bench import Workload
-
     wl = Workload(num_requests=100_000, input_tokens=16, output_tokens=TOKENS, stream=False, duration_s=seconds,
                   timeout_s=60.0)
-    return rel.run_load(tiny.base_url, wl, concurrency=concurrency, actions=list(actions), cluster=tiny.cluster,
-                        app_name=tiny.name, api_key=API_KEY, model=tiny.model)
+    return rel.run_load(tiny.base_url, wl, concurrency=concurrency, actions=[Action(*a) for a in actions],
+                        cluster=tiny.cluster, app_name=tiny.name, api_key=API_KEY, model=tiny.model)
 
 
 # ---- without Ray: the fault injection and the figures -------------------------------------------
-def test_injected_engine_fault_kills_the_decode_loop_and_fails_the_health_check():
-    """What `kill_engine_loop` runs inside a replica, on a real scheduler thread (fake model): the loop
-    dies as a bug in it would, `check_health` (what Serve's health check calls) then raises, and new
-    work is refused at once instead of hanging."""
-    import time
+def _wait_dead(engine, timeout_s: float) -> None:
+    """Until the engine's health check reports its decode loop gone (the fault lands on its next step)."""
+    from llmserve_nb.engine import EngineDeadError
 
-    from llmserve_nb.engine import EngineDeadError, TransformersEngine
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            engine.check_health()
+        except EngineDeadError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the engine still reports healthy {timeout_s:g} s after the injected fault")
+
+
+def test_injected_engine_fault_kills_the_decode_loop_and_fails_the_health_check():
+    """The fault `kill_engine_loop` injects into a replica's engine, on a real scheduler thread (fake
+    model): the loop dies as a bug in it would, `check_health` (what Serve's health check calls) then
+    raises with the injected message, and new work is refused at once instead of hanging."""
     from llmserve_nb.config import EngineConfig
+    from llmserve_nb.engine import EngineDeadError, TransformersEngine
 
     class FakeModel:
         model_name, max_model_len, load_timings = "fake", 64, {}
 
     engine = TransformersEngine(EngineConfig(), model=FakeModel())
-    engine.check_health()
-    found = rel._poison_engine(None)
-    assert found["engines"] >= 1
-    deadline = time.monotonic() + 30
-    while engine.batcher.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with pytest.raises(EngineDeadError, match="fault injection"):
+    try:
         engine.check_health()
-    with pytest.raises(EngineDeadError):
-        engine.batcher.submit([object()])  # type: ignore[list-item]
+        engine.inject_fault(rel.INJECTED_FAULT)
+        _wait_dead(engine, 30.0)
+        with pytest.raises(EngineDeadError, match="fault injection"):
+            engine.check_health()
+        with pytest.raises(EngineDeadError):
+            engine.batcher.submit([object()])  # type: ignore[list-item]
+    finally:
+        engine.close()
 
 
 def test_failure_summary_counts_every_request_once():
-    from llmserve_nb.bench import BenchRun, RequestResult, Workload
-
     def rr(i, status, kind=None, http=None, error="", start=0.0, end=1.0):
         return RequestResult(index=i, status=status, error_kind=kind, http_status=http, error=error, start_s=start,
                              end_s=end)
@@ -118,16 +125,22 @@ def test_failure_summary_counts_every_request_once():
         rr(7, "incomplete", start=9.0, end=float("nan")),
     ]
     run = BenchRun("load", "http://x", "m", Workload(num_requests=8, timeout_s=10.0), 4, None, 12.0, results)
-    tl = rel.LoadTimeline(run, events=[{"name": "kill", "t": 5.0, "t_end": 6.0, "result": {"replica_id": "r1"}}],
-                          samples=[{"t": 0.2, "running": 2, "ids": ["a", "b"]}, {"t": 5.4, "running": 1, "ids": ["a"]}])
+    tl = Timeline(result=run, samples={"replicas": [(0.2, ["a", "b"]), (5.4, ["a"])]},
+                  events=[Event(5.0, "kill", {"replica_id": "r1", "pid": 7, "how": "ray_kill", "recovery_s": 9.0},
+                                ended_s=6.0)])
     s = rel.failure_summary(tl, "kill")
     assert (s["sent"], s["accepted"], s["refused_backpressure"], s["succeeded"]) == (8, 6, 2, 2)
     assert s["failed_by_kind"] == {"http_500": 1, "http_503": 1, "http_429": 1, "bad_stream": 1}
     assert s["hung"] == 1 and s["cut_at_end"] == 1  # the timeout; the cut request was 3 s old
-    assert s["failed_after_kill"] == 3 and s["kill"]["replica_id"] == "r1"
-    rows = tl.per_second()
-    assert len(rows) == 12 and rows[1]["ok"] == 1 and rows[5]["errors"] == 1 and rows[5]["replicas"] == 1
-    assert rows[0]["replicas"] == 2
+    assert s["failed_after_kill"] == 3 and s["last_failure_s_after_kill"] == 6.0  # the timeout, at 11 s
+    assert s["kill"] == {"replica_id": "r1", "pid": 7, "how": "ray_kill"} and s["kill_at_s"] == 5.0
+    assert "kill_error" not in s
+    rows = rel.per_second(tl)
+    assert [(r["ok"], r["errors"]) for r in rows] == ([(0, 0), (1, 2)] + [(0, 0)] * 3 + [(0, 1), (0, 1), (1, 0)]
+                                                      + [(0, 0)] * 3 + [(0, 1)])
+    assert [r["replicas"] for r in rows] == [2] * 5 + [1] * 7
+    failed_kill = Timeline(result=run, events=[Event(5.0, "kill", error=RuntimeError("no RUNNING replica"))])
+    assert rel.failure_summary(failed_kill, "kill")["kill_error"] == "RuntimeError: no RUNNING replica"
 
 
 def test_deleting_the_last_app_keeps_serve_up_for_the_next_deploy():
@@ -177,7 +190,10 @@ def test_burst_over_a_tiny_queue_is_refused_fast_with_retry_after(tiny):
     # ones take at most the waves they need (the queued ones wait for a running one to end), measured
     # against one wave alone. In CI, 6 accepted (2 waves) took 4.2 s against 1.8 s for 3 alone.
     assert all(r["completion_tokens"] == TOKENS for r in over["rows"] if r["status"] == 200)
-    assert alone["accepted"] >= 1 and alone["other_failures"] == 0, alone
+    # The yardstick: Serve's router may still refuse part of the wave (its cached queue lengths lag), so
+    # at least one request must have run, and every other one was refused, not failed.
+    assert alone["accepted"] >= 1 and alone["accepted"] + alone["refused"] == alone["requests"], alone
+    assert alone["other_failures"] == 0, alone
     assert over["accepted_p99_s"] <= 1.5 * waves * alone["accepted_p99_s"] + 1.0, (waves, over, alone)
 
 
@@ -207,12 +223,12 @@ def test_user_config_and_option_changes_under_load_fail_nothing_and_keep_replica
                                     (12.0, "options", lambda: tiny.update(options, timeout_s=120))])
     summary = rel.failure_summary(tl)
     _report("update_in_place", {"summary": summary, "events": tl.events})
-    assert all("error" not in e for e in tl.events), tl.events
+    assert [(e.name, e.error) for e in tl.events] == [("user_config", None), ("options", None)], tl.events
     assert summary["failed"] == 0 and summary["hung"] == 0, summary
     assert summary["succeeded"] >= 8, summary
     # No new replica id ever appeared, and both are RUNNING after. (A replica reports UPDATING while
     # Serve calls its reconfigure(), so one sample may show only the other one RUNNING.)
-    seen = set().union(*(s["ids"] for s in tl.samples))
+    seen = set().union(*tl.values("replicas"))
     assert seen == set(before), f"a replica was replaced: {sorted(seen)} vs {sorted(before)}"
     assert rel.running_ids(tiny.cluster, tiny.name) == before
     assert tiny.stats()["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
@@ -226,15 +242,15 @@ def test_replica_killed_under_load_fails_fast_and_is_replaced(tiny, how):
     tiny.update(_widened(tiny), timeout_s=300)
     tl = _load(tiny, 20.0, actions=[(5.0, "kill", lambda: rel.kill_and_recover(tiny.cluster, tiny, how, target=2))])
     summary = rel.failure_summary(tl, "kill")
-    kill = tl.events[0].get("result") or {}
+    event = tl.event("kill")
+    kill = event.value or {}
     _report(f"replica_kill_{how}", {"summary": summary, "recovery_s": kill.get("recovery_s"),
-                                    "serving_s": kill.get("serving_s"), "per_second": tl.per_second()})
-    assert "error" not in tl.events[0] and "error" not in kill, tl.events
+                                    "serving_s": kill.get("serving_s"), "per_second": rel.per_second(tl)})
+    assert event.error is None and "error" not in kill, tl.events
     assert summary["hung"] == 0, summary  # every request ended within its client timeout
     assert summary["failed_by_kind"].get("timeout", 0) == 0
     # The survivor kept serving: requests succeeded after the kill, while the replacement loaded.
-    kill_t = tl.events[0]["t"]
-    assert sum(r.status == "ok" and r.start_s > kill_t + 1 for r in tl.run.results) >= 2, summary
+    assert sum(r.status == "ok" and r.start_s > event.t_s + 1 for r in tl.result.results) >= 2, summary
     # Failures are only the requests that were on the killed replica, each with an HTTP error or a closed
     # connection, at most the killed replica's share of the load.
     assert summary["failed"] <= 4, summary
@@ -251,10 +267,11 @@ def test_dead_engine_loop_is_replaced_through_the_health_check(tiny):
     tl = _load(tiny, 15.0, concurrency=2,
                actions=[(3.0, "kill", lambda: rel.kill_and_recover(tiny.cluster, tiny, "engine_loop", target=2))])
     summary = rel.failure_summary(tl, "kill")
-    kill = tl.events[0].get("result") or {}
+    event = tl.event("kill")
+    kill = event.value or {}
     _report("engine_loop", {"summary": summary, "recovery_s": kill.get("recovery_s"),
                             "serving_s": kill.get("serving_s")})
-    assert "error" not in tl.events[0] and "error" not in kill, tl.events
+    assert event.error is None and "error" not in kill, tl.events
     assert summary["hung"] == 0, summary
     assert set(summary["failed_by_kind"]) <= {"http_503", "http_500"}, summary
     for kind, example in summary["failure_examples"].items():
@@ -274,10 +291,10 @@ def test_engine_change_under_load_rolls_replicas(tiny):
     restarted = current.with_overrides(**{"engine.max_num_seqs": 6})
     tl = _load(tiny, 40.0, actions=[(4.0, "engine_update", lambda: tiny.update(restarted, timeout_s=400))])
     summary = rel.failure_summary(tl)
-    seen = [s["running"] for s in tl.samples]
+    seen = [len(ids) for ids in tl.values("replicas")]
     _report("engine_update", {"summary": summary, "events": tl.events, "min_running": min(seen, default=None),
-                              "per_second": tl.per_second()})
-    assert all("error" not in e for e in tl.events), tl.events
+                              "per_second": rel.per_second(tl)})
+    assert [(e.name, e.error) for e in tl.events] == [("engine_update", None)], tl.events
     after = rel.running_ids(tiny.cluster, tiny.name)
     assert not (after & before) and len(after) == 2  # every replica was replaced
     assert summary["hung"] == 0, summary

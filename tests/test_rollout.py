@@ -257,8 +257,8 @@ def test_rollout_under_load_drops_nothing(rollout_cluster):
 
         st = ro.status()
         assert st["weights"] == {"ro-v2": 100.0} and ro.stable.name == "ro-v2" and ro.canary is None
-        apps = rollout_cluster.serve_details()["applications"]
-        assert "ro-v1" not in apps and apps["ro-v2"]["status"] == "RUNNING"
+        apps = rollout_cluster.app_statuses()
+        assert "ro-v1" not in apps and apps["ro-v2"].status == "RUNNING"
     finally:
         ro.shutdown()
 
@@ -278,8 +278,29 @@ def test_failed_canary_leaves_stable_serving(rollout_cluster):
         msg = str(e.value)
         assert "ro-bad" in msg and "100 %" in msg and "nonexistent" in msg  # Serve's own error is quoted
         assert ro.canary is None and ro.status()["weights"] == {"ro-v1": 100.0}
-        assert "ro-bad" not in rollout_cluster.serve_details()["applications"]
+        assert rollout_cluster.app_status("ro-bad") is None
         r = httpx.post(f"{ro.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=120)
         assert r.status_code == 200 and r.headers[SERVED_BY_HEADER] == "ro-v1"
     finally:
         ro.shutdown()
+
+
+def test_phases_and_the_share_plot_read_the_loads_marks():
+    """A load's marks (the rollout's weight changes) split it into phases and draw the configured split."""
+    import matplotlib
+
+    from llmserve_nb.bench import Event, Timeline
+    from llmserve_nb.rollout import Sample, TrafficLoad, plot_traffic_share
+
+    matplotlib.use("Agg")
+    load = TrafficLoad("http://127.0.0.1:9")
+    marks = [Event(0.0, "start"), Event(2.0, "50%"), Event(4.0, "promoted"), Event(5.0, "stop")]
+    load.timeline = Timeline(events=marks, duration_s=6.0, ended=True)
+    load.samples = [Sample(i, f"s{i % 2}", start_s=float(i), end_s=i + 0.5, ttft_s=0.1, status="ok",
+                           version="a" if i < 3 else "b") for i in range(6)]
+    phases = load.phases({"before": ("start", "50%"), "after": ("50%", None)})
+    assert phases["before"]["by_version"] == {"a": 2} and phases["after"]["by_version"] == {"a": 1, "b": 3}
+    assert phases["after"]["ttft_ms_p50"] == pytest.approx(100.0)
+    split = plot_traffic_share(load, bin_s=1.0, versions=["a", "b"]).get_lines()[0]
+    # 100 % stable, 50 % from the shift at 2 s, 0 % from the promotion at 4 s to the load's end.
+    assert list(split.get_xdata()) == [0.0, 2.0, 4.0, 6.0] and list(split.get_ydata()) == [100.0, 50.0, 0.0, 0.0]

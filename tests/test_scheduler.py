@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import pytest
@@ -17,7 +18,9 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture
 def served(engine):
     """The protocol engine over the session's loaded model (a fresh scheduler thread per test)."""
-    return TransformersEngine(engine.cfg, model=engine)
+    e = TransformersEngine(engine.cfg, model=engine)
+    yield e
+    e.close()
 
 
 def run(coro):
@@ -27,6 +30,16 @@ def run(coro):
 async def _start(served, reqs):
     prepared = [await served.prepare(r) for r in reqs]
     return prepared, served.submit(prepared)
+
+
+def _idle(served, timeout_s: float = 30.0) -> dict:
+    """The engine's stats once nothing runs or waits. A stream ends as its last row leaves the batch, so
+    the scheduler's own bookkeeping may trail the consumer by a moment."""
+    deadline = time.monotonic() + timeout_s
+    while (stats := served.stats())["num_requests_running"] or stats["num_requests_waiting"]:
+        assert time.monotonic() < deadline, f"the engine did not go idle: {stats}"
+        time.sleep(0.01)
+    return stats
 
 
 def test_a_request_ends_when_it_is_done_not_when_its_admission_peers_are(served):
@@ -84,10 +97,10 @@ def test_kv_cache_width_stays_bounded_under_sustained_mixed_load(served):
         return longest
 
     longest = run(go())
-    stats = served.stats()
+    stats = _idle(served)
     assert stats["decode_steps"] > 2 * longest  # long enough that an untrimmed cache would outgrow it
     assert 0 < stats["kv_cache_width_max"] <= longest
-    assert stats["kv_cache_width"] == 0 and stats["num_requests_running"] == 0
+    assert stats["kv_cache_width"] == 0
 
 
 def test_abort_stops_a_running_request_within_a_step_and_a_waiting_one_at_once(served):
@@ -105,11 +118,34 @@ def test_abort_stops_a_running_request_within_a_step_and_a_waiting_one_at_once(s
     result, steps_at_abort, steps_after = run(go())
     assert result.finish_reason == "abort" and result.completion_tokens < 10
     assert steps_after - steps_at_abort <= 2
-    time.sleep(0.3)
-    assert served.stats()["decode_steps"] == steps_after  # nothing decodes for nobody
-    assert served.stats()["aborted"] == 1
-    served.abort("no-such-request")  # unknown ids are ignored
-    assert served.stats()["num_requests_running"] == 0
+    stats = _idle(served)
+    assert stats["decode_steps"] == steps_after and stats["aborted"] == 1  # nothing decodes for nobody
+
+
+def test_an_abort_that_arrives_before_its_submit_is_honoured_at_submit(served):
+    """Regression: the scheduler consumed an abort of a request that was neither waiting nor running, so
+    a request aborted between `prepare` and `submit` (its client left while it waited for its
+    admission batch) decoded to max_tokens for nobody."""
+
+    async def go():
+        _, (busy,) = await _start(served, [Req(prompt="Tell me a story", max_tokens=400, ignore_eos=True)])
+        late = await served.prepare(Req(prompt="Hello there", max_tokens=64, ignore_eos=True))
+        served.abort(late.request_id)
+        # Two more steps: the loop has begun an iteration since the abort, so it has taken it.
+        steps = served.stats()["decode_steps"]
+        while served.stats()["decode_steps"] < steps + 2:
+            await asyncio.sleep(0.01)
+        (stream,) = served.submit([late])
+        submitted_at = served.stats()["decode_steps"]
+        result = await stream.collect()
+        finished_at = served.stats()["decode_steps"]
+        served.abort(busy.request_id)
+        await busy.collect()
+        return result, finished_at - submitted_at
+
+    result, steps = run(go())
+    assert (result.finish_reason, result.completion_tokens, result.text) == ("abort", 0, "")
+    assert steps <= 1
 
 
 def test_tokenization_runs_off_the_event_loop(served, monkeypatch):
@@ -213,24 +249,69 @@ def test_a_failed_sampling_fails_only_its_row_and_a_failed_step_only_its_rows(se
     assert "Paris" in run(again()).text  # the loop kept serving
 
 
-def test_a_dead_decode_loop_fails_the_health_check_and_new_requests_fast(served, monkeypatch):
-    def boom():
-        raise SystemExit("simulated crash of the scheduler itself")
+def _batcher_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "llm-continuous-batcher"}
 
+
+def test_a_dead_decode_loop_fails_its_requests_the_health_check_and_new_requests_fast(served):
     async def go():
-        monkeypatch.setattr(served.batcher, "_take", boom)
-        _, (s,) = await _start(served, [Req(prompt="Hi", max_tokens=4)])
-        with pytest.raises(EngineDeadError):
+        _, (s,) = await _start(served, [Req(prompt="Tell me a story", max_tokens=400, ignore_eos=True)])
+        while served.stats()["decode_steps"] < 2:
+            await asyncio.sleep(0.01)
+        late = await served.prepare(Req(prompt="Hi", max_tokens=4))
+        threads = _batcher_threads()
+        served.inject_fault("simulated crash of the scheduler itself")
+        with pytest.raises(EngineDeadError, match="decode loop died: RuntimeError.'simulated crash"):
             await s.collect()
-        with pytest.raises(EngineDeadError):
+        with pytest.raises(EngineDeadError, match="simulated crash"):
             served.check_health()
-        with pytest.raises(EngineDeadError):
-            served.submit([await served.prepare(Req(prompt="Hi", max_tokens=4))])
+        with pytest.raises(EngineDeadError, match="simulated crash"):
+            served.submit([late])
+        with pytest.raises(EngineDeadError, match="simulated crash"):
+            await served.prepare(Req(prompt="Hi", max_tokens=4))
+        return threads
 
-    # The thread is parked in _take's wait; wake it so it runs the patched method on its next round.
+    threads = run(go())
+    served.close()  # joins the loop's thread, which ended with the fault
+    assert len(_batcher_threads()) == len(threads) - 1
+
+
+def test_close_stops_the_loop_fails_requests_in_flight_and_refuses_new_ones(served):
+    async def go():
+        served.configure(max_num_seqs=1)  # the second admission group waits for the first request
+        _, (running,) = await _start(served, [Req(prompt="Tell me a story", max_tokens=400, ignore_eos=True)])
+        _, (waiting,) = await _start(served, [Req(prompt="Hi", max_tokens=4)])
+        while served.stats()["decode_steps"] < 2:
+            await asyncio.sleep(0.01)
+        assert (served.stats()["num_requests_running"], served.stats()["num_requests_waiting"]) == (1, 1)
+        late = await served.prepare(Req(prompt="Hi", max_tokens=4))
+        threads = _batcher_threads()
+        served.close()
+        assert len(_batcher_threads()) == len(threads) - 1  # the scheduler thread is gone
+        for stream in (running, waiting):
+            with pytest.raises(EngineDeadError, match="the engine was closed"):
+                await stream.collect()
+        with pytest.raises(EngineDeadError, match="the engine was closed"):
+            served.submit([late])
+        with pytest.raises(EngineDeadError, match="the engine was closed"):
+            await served.prepare(Req(prompt="Hi", max_tokens=4))
+
     run(go())
-    served.batcher._thread.join(timeout=30)
-    assert not served.batcher._thread.is_alive()
+    with pytest.raises(EngineDeadError, match="the engine was closed"):
+        served.check_health()
+    served.close()  # a second close (Serve's __del__, then the garbage collector's) is harmless
+
+
+def test_configure_refuses_an_engine_that_runs_nothing(served):
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        served.configure(max_num_seqs=0)
+
+
+def test_info_says_which_model_and_how_it_was_loaded(served, engine):
+    info = served.info()
+    assert (info["model"], info["max_model_len"]) == (engine.model_name, engine.max_model_len)
+    assert (info["device"], info["torch_threads"]) == ("cpu", engine.num_threads)
+    assert info["total_load_s"] == engine.load_timings["total_load_s"]
 
 
 def test_empty_prompt_is_refused_at_prepare(served):

@@ -1,8 +1,8 @@
 """No secret in what the project writes or commits.
 
-Secrets in use: the test API key (conftest), any `LLMSERVE_NB_API_KEY` set now, and the Ray auth token
-(`llmserve_nb.cluster.read_ray_token()`), each also looked for base64-encoded (as a Secret's `data:`
-would hold it). Scanned:
+Secrets in use: the test API key (conftest), the API key in the environment now (the variable that
+`config.API_KEY_ENV` names), and the Ray auth token (`llmserve_nb.cluster.read_ray_token()`), each also
+looked for base64-encoded (as a Secret's `data:` would hold it). Scanned:
 
 - every notebook (and its HTML export) executed in this pytest session: the notebook tests write
   them under the session's base temp dir, and this module runs after them (tests/test_notebook_*.py
@@ -35,10 +35,11 @@ KEY_DEFINED_IN = {"tests/conftest.py"}
 
 def secrets_in_use() -> dict[str, str]:
     from llmserve_nb.cluster import read_ray_token
+    from llmserve_nb.config import API_KEY_ENV
 
     found = {"test API key (conftest.API_KEY)": API_KEY}
-    if os.environ.get("LLMSERVE_NB_API_KEY"):
-        found["$LLMSERVE_NB_API_KEY"] = os.environ["LLMSERVE_NB_API_KEY"]
+    if os.environ.get(API_KEY_ENV):
+        found[f"${API_KEY_ENV}"] = os.environ[API_KEY_ENV]
     token = read_ray_token()
     if token:
         found["Ray auth token"] = token

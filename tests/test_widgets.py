@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from llmserve_nb import AppConfig, AppHandle, Cluster
+from llmserve_nb.backends import application
 from llmserve_nb.widgets import ServeTuner
 
 # Tests that take the session's `app` fixture start a real Ray (marked `ray`); the others are fast.
@@ -44,11 +45,14 @@ def test_apply_button_reconfigures_the_running_replica(app):
 def test_load_runs_in_the_background_and_records_history(app):
     t = ServeTuner(app)
     t.run_load(concurrency=2, seconds=3, wait=True, max_tokens=8)
-    assert t.history and all(s.running == 1 and s.target == 1 for s in t.history)
-    assert max(s.ongoing for s in t.history) >= 1
+    # About one sample a second while the 2 users load it, and one after the load ended.
+    assert 3 <= len(t.history) <= 6 and all(s.running == 1 and s.target == 1 for s in t.history)
+    assert [s.ongoing for s in t.history] == [2] * (len(t.history) - 1) + [0]
     assert "load done:" in t.load_status.value and "errors" not in t.load_status.value
     assert "color:#b00" not in t.load_status.value
     assert t.last_load["completed"] > 0 and t.last_load["errors"] == 0, t.last_load
+    # One replica throughout (no autoscaling): no scale-up decided, none seen.
+    assert (t.last_load["scale_up_decided_s"], t.last_load["scale_up_s"], t.last_load["policy"]) == (None, None, None)
 
 
 def test_background_load_errors_show_in_the_load_line():
@@ -61,12 +65,12 @@ def test_background_load_errors_show_in_the_load_line():
 
 
 def test_a_crash_of_the_load_thread_shows_in_the_load_line(monkeypatch):
-    import llmserve_nb.bench
+    import llmserve_nb.experiments.autoscaling
 
     def broken(*args, **kwargs):
         raise RuntimeError("the load generator broke")
 
-    monkeypatch.setattr(llmserve_nb.bench, "run_benchmark", broken)
+    monkeypatch.setattr(llmserve_nb.experiments.autoscaling, "run_benchmark", broken)
     dead = Cluster("http://127.0.0.1:9", "http://127.0.0.1:9", kind="address", how="test")
     t = ServeTuner(AppHandle(dead, AppConfig()))
     t.run_load(concurrency=1, seconds=1, wait=True)
@@ -82,12 +86,11 @@ def test_a_dead_cluster_shows_in_the_status_line_instead_of_raising():
     assert "ClusterError" in t.status.value and "color:#b00" in t.status.value
 
 
-class _ServeDetailsOnly:
-    """A cluster that only answers serve_details(): one vLLM app whose LLMServer runs one replica."""
-
-    serve_url = "http://127.0.0.1:9"
+class _ServeDetailsOnly(Cluster):
+    """A cluster whose Serve reports one app (`deployment` plus an ingress, one replica each) and nothing else."""
 
     def __init__(self, app_name: str, deployment: str):
+        super().__init__("http://127.0.0.1:9", "http://127.0.0.1:9", kind="address", how="test")
         self.details = {"applications": {app_name: {"status": "RUNNING", "deployments": {
             deployment: {"status": "HEALTHY", "target_num_replicas": 1,
                          "replicas": [{"replica_id": "r1", "state": "RUNNING"}]},
@@ -100,11 +103,11 @@ class _ServeDetailsOnly:
 
 
 def test_vllm_app_disables_batching_with_a_note_and_keeps_autoscaling():
+    from llmserve_nb.backends import backend_for
     from llmserve_nb.config import EngineConfig
-    from llmserve_nb.backends.vllm.render import llm_server_deployment_name
 
     cfg = AppConfig(engine=EngineConfig(backend="vllm", max_num_seqs=16))
-    deployment = llm_server_deployment_name(cfg.engine.model_name)
+    deployment = backend_for(cfg).model_deployment(cfg)
     app = AppHandle(_ServeDetailsOnly(cfg.name, deployment), cfg)
     t = ServeTuner(app)
     assert t.deployment == "LLMServer:SmolLM2-135M-Instruct" and not t.live_batching
@@ -142,7 +145,7 @@ def test_policy_targets_are_tuner_controls_and_change_in_place():
     auto = tuned.deployment.autoscaling
     assert (auto.policy, auto.target_ttft_s, auto.target_waiting_requests) == ("llm", 0.7, 2.0)
     # A target change moves only user_config: Serve applies it without restarting a replica.
-    before, after = cfg.to_application()["deployments"][0], tuned.to_application()["deployments"][0]
+    before, after = application(cfg)["deployments"][0], application(tuned)["deployments"][0]
     assert tuned.build_args() == cfg.build_args()
     assert before["autoscaling_config"] == after["autoscaling_config"]
     assert after["user_config"]["autoscaling_targets"] == {"ttft_s": 0.7, "waiting_requests": 2.0}
@@ -159,3 +162,16 @@ def test_a_vllm_app_offers_only_serves_default_policy():
     cfg = AppConfig(engine=EngineConfig(backend="vllm"))
     t = ServeTuner(AppHandle(_ServeDetailsOnly(cfg.name, "LLMServer:SmolLM2-135M-Instruct"), cfg))
     assert list(t.policy.options) == ["ongoing_requests"]
+
+
+def test_scale_up_is_the_first_rise_of_the_target_then_of_the_running_replicas():
+    """The one computation behind `ServeTuner.last_load`, `scale_up_run` and the policy comparison."""
+    from llmserve_nb.experiments.autoscaling import scale_up_times
+
+    # (seconds, running, target): Serve decides at 12.5 s, the second replica serves at 20.2 s.
+    counts = [(10.0, 1, 1), (11.0, 1, 1), (12.5, 1, 2), (13.0, 1, 2), (20.2, 2, 2)]
+    assert scale_up_times(counts) == {"scale_up_decided_s": 2.5, "scale_up_s": 10.2}
+    assert scale_up_times(counts[:2]) == {"scale_up_decided_s": None, "scale_up_s": None}
+    # A Serve that reports no target: the decision is unknown, the running replicas still tell.
+    assert scale_up_times([(0.0, 1, None), (1.0, 2, None)]) == {"scale_up_decided_s": None, "scale_up_s": 1.0}
+    assert scale_up_times([]) == {"scale_up_decided_s": None, "scale_up_s": None}

@@ -47,8 +47,9 @@ for. `mixed_workload()` draws `max_tokens` per request from a seeded log-uniform
 16–512 and honours EOS, so requests also end early; see `Workload`.
 
 Modules: `workload` (what to send), `client` (one request over HTTP/SSE), `runner` (load patterns:
-`run_benchmark`, `sweep`, `soak`), `metrics` (per-request records and aggregates), `report` (tables,
-ratios, config comparison), `plots`, `cli` (`llmserve-nb bench`).
+`run_benchmark`, `sweep`, `soak`), `results` (per-request records and aggregates), `report` (tables,
+ratios, config comparison), `plots`, `cli` (`llmserve-nb bench`), and `observe` (`run_observed`: a load
+with the app sampled and actions fired meanwhile, the harness every experiment runs on).
 """
 from __future__ import annotations
 

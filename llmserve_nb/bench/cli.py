@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+from llmserve_nb.config import API_KEY_ENV
 from llmserve_nb.bench.results import ERROR_KINDS
 from llmserve_nb.bench.report import SUMMARY_COLUMNS, soak_table, to_markdown
 from llmserve_nb.bench.runner import soak, sweep
@@ -37,8 +38,8 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL, without /v1")
     p.add_argument("--model", help="model name to send (default: first id of GET /v1/models)")
-    p.add_argument("--api-key", default=os.environ.get("LLMSERVE_NB_API_KEY"),
-                   help="sent as 'Authorization: Bearer' (default: $LLMSERVE_NB_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"sent as 'Authorization: Bearer' (default: ${API_KEY_ENV})")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=_ints, default=[1, 8, 32], help="comma list, e.g. 1,8,32")
     load.add_argument("--rate", type=_floats, help="comma list of Poisson arrival rates in req/s (open loop)")

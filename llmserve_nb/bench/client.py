@@ -4,15 +4,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator
 
 import httpx
+from httpx_sse import EventSource
 
 from llmserve_nb.bench.results import RequestResult
 from llmserve_nb.bench.workload import Workload
 
 
-class _BadStream(Exception):
-    pass
+class BadStream(Exception):
+    """An answer that is not a well-formed OpenAI stream (or JSON body)."""
 
 
 class _HTTPError(Exception):
@@ -29,7 +32,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "connect", f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError)):
         return "timeout", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if isinstance(exc, (_BadStream, httpx.RemoteProtocolError, httpx.ReadError)):
+    if isinstance(exc, (BadStream, httpx.RemoteProtocolError, httpx.ReadError)):
         return "bad_stream", f"{type(exc).__name__}: {exc}"
     return "other", f"{type(exc).__name__}: {exc}"
 
@@ -42,6 +45,28 @@ def _delta_text(obj: dict, endpoint: str) -> str:
     if endpoint == "completions":
         return c.get("text") or ""
     return (c.get("delta") or c.get("message") or {}).get("content") or ""
+
+
+async def sse_objects(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON object of each event of an OpenAI-style event stream, up to `data: [DONE]`. BadStream for
+    data that is not a JSON object, an error event, or a stream that ends without [DONE]. httpx-sse
+    assembles the events (multi-line data, comments, event:/id: fields) as the SSE spec says."""
+    # aclosing: a consumer that stops early (a drop, an error) ends the event reader before the response.
+    async with aclosing(EventSource(resp).aiter_sse()) as events:
+        async for event in events:
+            payload = event.data.strip()
+            if payload == "[DONE]":
+                return
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                raise BadStream(f"non-JSON SSE data: {payload[:200]!r}") from None
+            if not isinstance(obj, dict):
+                raise BadStream(f"SSE data is not an object: {payload[:200]!r}")
+            if "error" in obj:
+                raise BadStream(f"error event in stream: {str(obj['error'])[:300]}")
+            yield obj
+    raise BadStream("stream ended without [DONE]")
 
 
 def headers(api_key: str | None) -> dict[str, str]:
@@ -87,9 +112,9 @@ async def _send(client: httpx.AsyncClient, path: str, body: dict, rr: RequestRes
             try:
                 obj = json.loads(raw)
             except ValueError:
-                raise _BadStream(f"response is neither SSE nor JSON: {raw[:200]!r}") from None
+                raise BadStream(f"response is neither SSE nor JSON: {raw[:200]!r}") from None
             if "error" in obj:
-                raise _BadStream(f"error object in a 200 response: {str(obj['error'])[:300]}")
+                raise BadStream(f"error object in a 200 response: {str(obj['error'])[:300]}")
             text = _delta_text(obj, endpoint)
             text_parts.append(text)
             usage = obj.get("usage")
@@ -97,37 +122,21 @@ async def _send(client: httpx.AsyncClient, path: str, body: dict, rr: RequestRes
             rr.chunk_times_s = [now] if text else []
         else:
             rr.streamed = True
-            done = False
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, ": keep-alive" comments, event:/id: fields
-                payload = line[5:].strip()
-                now = time.perf_counter() - t0
-                if payload == "[DONE]":
-                    done = True
-                    break
-                try:
-                    obj = json.loads(payload)
-                except ValueError:
-                    raise _BadStream(f"non-JSON SSE data: {payload[:200]!r}") from None
-                if not isinstance(obj, dict):
-                    raise _BadStream(f"SSE data is not an object: {payload[:200]!r}")
-                if "error" in obj:
-                    raise _BadStream(f"error event in stream: {str(obj['error'])[:300]}")
-                if obj.get("usage"):
-                    usage = obj["usage"]
-                text = _delta_text(obj, endpoint)
-                if text:
-                    if not rr.chunk_times_s:
-                        rr.ttft_s = now
-                    rr.chunk_times_s.append(now)
-                    text_parts.append(text)
-                    if rr.drop_after_chunks is not None and len(rr.chunk_times_s) >= rr.drop_after_chunks:
-                        # Leaving the `async with` closes the half-read response, i.e. the connection.
-                        dropped = True
-                        break
-            if not done and not dropped:
-                raise _BadStream(f"stream ended without [DONE] after {len(rr.chunk_times_s)} chunks")
+            async with aclosing(sse_objects(resp)) as objects:
+                async for obj in objects:
+                    now = time.perf_counter() - t0
+                    if obj.get("usage"):
+                        usage = obj["usage"]
+                    text = _delta_text(obj, endpoint)
+                    if text:
+                        if not rr.chunk_times_s:
+                            rr.ttft_s = now
+                        rr.chunk_times_s.append(now)
+                        text_parts.append(text)
+                        if rr.drop_after_chunks is not None and len(rr.chunk_times_s) >= rr.drop_after_chunks:
+                            # Leaving the `async with` closes the half-read response, i.e. the connection.
+                            dropped = True
+                            break
             if not dropped:
                 rr.e2e_s = time.perf_counter() - t0
     if usage and usage.get("completion_tokens") is not None:

@@ -7,16 +7,19 @@ local default exercises exactly the code that drives a remote cluster. Ray Clien
 
 Every HTTP call made here has a timeout, and every failure to reach the cluster or the app is a
 `ClusterError` that names the URL and what to check. See `targets` for `connect()`, `client` for
-`Cluster`, `app` for `AppHandle` and `errors` for the errors.
+`Cluster`, `app` for `AppHandle`, `status` for Serve's status as typed records (`AppStatus`),
+`kuberay` and `portforward` for the Kubernetes side, and `errors` for the errors.
 """
 from llmserve_nb.cluster.app import AppHandle
 from llmserve_nb.cluster.client import Cluster, check_version_skew
 from llmserve_nb.cluster.errors import CONNECT_TIMEOUT_S, ClusterError, DeployError
+from llmserve_nb.cluster.status import AppStatus
 from llmserve_nb.cluster.targets import connect, read_ray_token
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "AppHandle",
+    "AppStatus",
     "Cluster",
     "ClusterError",
     "DeployError",

@@ -16,9 +16,11 @@ from urllib.parse import urlparse
 
 import httpx
 
+from llmserve_nb.backends import application, config_of_application
 from llmserve_nb.cluster.app import AppHandle
 from llmserve_nb.cluster.errors import CONNECT_TIMEOUT_S, ClusterError, DeployError
-from llmserve_nb.config import AppConfig, ConfigError, config_of_application
+from llmserve_nb.cluster.status import AppStatus, parse_serve_details
+from llmserve_nb.config import AppConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,11 @@ def check_version_skew(
 
 
 class Cluster:
-    """A Ray cluster reached through its dashboard (REST) and its Serve HTTP proxy."""
+    """A Ray cluster reached through its dashboard (REST) and its Serve HTTP proxy.
+
+    `transport` replaces how HTTP requests leave, for the dashboard and for the handles this object
+    creates (tests pass an `httpx.MockTransport`).
+    """
 
     def __init__(
         self,
@@ -65,6 +71,7 @@ class Cluster:
         serve_host: str = "0.0.0.0",
         on_close: Callable[[], None] | None = None,
         timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
     ):
         self.dashboard_url = dashboard_url.rstrip("/")
         self.serve_url = serve_url.rstrip("/")
@@ -72,11 +79,12 @@ class Cluster:
         self.how = how
         self.serve_host = serve_host
         self._on_close = on_close
+        self._transport = transport
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=self.dashboard_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
+            base_url=self.dashboard_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
+            transport=transport,
         )
-        self.handles: dict[str, AppHandle] = {}
         self.deployed: set[str] = set()  # apps deployed through this object: the only ones shutdown() deletes
         self.managed_by: str | None = None  # name of the RayService whose operator owns Serve here
 
@@ -152,43 +160,52 @@ class Cluster:
         return urls
 
     def serve_details(self) -> dict[str, Any]:
+        """Serve's raw answer (`GET /api/serve/applications/`); `app_statuses()` is the same, parsed."""
         return self._api("GET", "/api/serve/applications/")
 
+    def app_statuses(self) -> dict[str, AppStatus]:
+        """Every Serve application's status, by name."""
+        return parse_serve_details(self.serve_details())
+
+    def app_status(self, name: str) -> AppStatus | None:
+        """The status of one Serve application; None when Serve does not know it."""
+        return self.app_statuses().get(name)
+
     def applications(self) -> list[dict[str, Any]]:
-        """One row per Serve application: status, replicas by state and node."""
-        rows = []
-        for name, app in (self.serve_details().get("applications") or {}).items():
-            for dname, dep in (app.get("deployments") or {}).items():
-                replicas = dep.get("replicas") or []
-                rows.append({
-                    "app": name,
-                    "route_prefix": app.get("route_prefix"),
-                    "app_status": app.get("status"),
-                    "deployment": dname,
-                    "deployment_status": dep.get("status"),
-                    "target_replicas": dep.get("target_num_replicas"),
-                    "running_replicas": sum(r.get("state") == "RUNNING" for r in replicas),
-                    "nodes": sorted({(r.get("node_id") or "")[:12] for r in replicas}),
-                    "message": app.get("message") or dep.get("message") or "",
-                })
-        return rows
+        """One row per deployment of each Serve application: status, replicas by state and node."""
+        return [
+            {
+                "app": app.name,
+                "route_prefix": app.route_prefix,
+                "app_status": app.status,
+                "deployment": dep.name,
+                "deployment_status": dep.status,
+                "target_replicas": dep.target_replicas,
+                "running_replicas": len(dep.running),
+                "nodes": sorted({r.node_id[:12] for r in dep.replicas}),
+                "message": app.message or dep.message,
+            }
+            for app in self.app_statuses().values()
+            for dep in app.deployments.values()
+        ]
 
     # ---- deploy ----------------------------------------------------------------------------
+    def _handle(self, config: AppConfig) -> AppHandle:
+        return AppHandle(self, config, transport=self._transport)
+
     def app(self, name: str = "llm") -> AppHandle:
         """A handle to an application that already runs, e.g. one a RayService deployed.
 
         Attaching does not make the app ours: `shutdown()` leaves it running.
         """
-        apps = self.serve_details().get("applications") or {}
+        apps = self.app_statuses()
         if name not in apps:
             raise ClusterError(f"no Serve application {name!r} on this cluster (running: {sorted(apps) or 'none'})")
         try:
-            config = config_of_application(apps[name].get("deployed_app_config") or {"name": name})
+            config = config_of_application(apps[name].deployed_config or {"name": name})
         except ConfigError as e:
             raise ClusterError(f"application {name!r} is not an llmserve_nb app: {e}") from None
-        handle = AppHandle(self, config)
-        self.handles.setdefault(name, handle)
-        return handle
+        return self._handle(config)
 
     def _refuse_if_managed(self, what: str) -> None:
         if self.managed_by is not None:
@@ -212,82 +229,77 @@ class Cluster:
         as failed raises DeployError with Serve's own message.
         """
         config = config or AppConfig()
-        self.deploy_application(config.to_application())
-        handle = self.handles.get(config.name)
-        if handle is None:
-            handle = self.handles[config.name] = AppHandle(self, config)
-        handle.config = config
+        self.deploy_application(application(config))
+        handle = self._handle(config)
         if wait:
             handle.wait_running(timeout_s=timeout_s, progress=progress)
         return handle
 
+    def _put_applications(self, details: dict[str, Any], applications: list[dict[str, Any]],
+                          refused: type[ClusterError] = ClusterError) -> None:
+        body: dict[str, Any] = {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": self.serve_host, "port": urlparse(self.serve_url).port or 80},
+            "applications": applications,
+        }
+        if details.get("http_options"):
+            # Serve's proxy options are fixed once it runs; resend them unchanged.
+            body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
+        self._api("PUT", "/api/serve/applications/", refused=refused, json=body)
+
     def deploy_application(self, application: dict[str, Any]) -> None:
-        """Send one raw `applications:` entry (what `AppConfig.to_application()` renders, or any Serve app,
-        e.g. the rollout router) without waiting; the cluster's other applications and Serve's proxy
+        """Send one raw `applications:` entry (what `llmserve_nb.backends.application(config)` renders, or any
+        Serve app, e.g. the rollout router) without waiting; the cluster's other applications and Serve's proxy
         options are kept. Refused when a RayService owns Serve here or the route prefix is taken."""
         name, prefix = application["name"], application.get("route_prefix")
         self._refuse_if_managed(f"deploy {name!r}")
         details = self.serve_details()
-        others = [
-            app["deployed_app_config"]
-            for other, app in (details.get("applications") or {}).items()
-            if other != name and app.get("deployed_app_config")
-        ]
+        others = [app.deployed_config for app in parse_serve_details(details).values()
+                  if app.name != name and app.deployed_config]
         for other in others:
             if prefix is not None and other.get("route_prefix") == prefix:
                 raise DeployError(
                     f"route_prefix {prefix!r} is taken by application {other['name']!r}; "
                     "give this app another name and route_prefix"
                 )
-        body: dict[str, Any] = {
-            "proxy_location": "EveryNode",
-            "http_options": {"host": self.serve_host, "port": urlparse(self.serve_url).port or 80},
-            "applications": others + [application],
-        }
-        if details.get("http_options"):
-            # Serve's proxy options are fixed once it runs; resend them unchanged.
-            body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
-        self._api("PUT", "/api/serve/applications/", refused=DeployError, json=body)
+        self._put_applications(details, others + [application], refused=DeployError)
         self.deployed.add(name)
 
     def delete(self, app_name: str, timeout_s: float = 120.0) -> None:
         """Remove one application; the others, and Serve itself, keep running."""
         self._refuse_if_managed(f"delete {app_name!r}")
         details = self.serve_details()
-        apps = details.get("applications") or {}
+        apps = parse_serve_details(details)
         if app_name in apps:
-            rest = [a["deployed_app_config"] for n, a in apps.items() if n != app_name and a.get("deployed_app_config")]
             # Even for the last app a PUT, never DELETE: DELETE shuts Serve down asynchronously and took
             # the next app deployed seconds later down with it.
-            body: dict[str, Any] = {"applications": rest}
-            if details.get("http_options"):
-                body["http_options"] = {k: details["http_options"][k] for k in ("host", "port") if k in details["http_options"]}
-            self._api("PUT", "/api/serve/applications/", json=body)
+            self._put_applications(details, [a.deployed_config for a in apps.values()
+                                             if a.name != app_name and a.deployed_config])
             deadline = time.monotonic() + timeout_s
-            while app_name in (self.serve_details().get("applications") or {}):
+            while self.app_status(app_name) is not None:
                 if time.monotonic() > deadline:
                     raise DeployError(f"application {app_name!r} still present {timeout_s:.0f}s after delete")
                 time.sleep(0.5)
         self.deployed.discard(app_name)
-        handle = self.handles.pop(app_name, None)
-        if handle is not None:
-            handle.close()
+
+    def close(self) -> None:
+        """Close the connection, and stop the port-forward or embedded Ray this object started; every
+        application keeps running (for as long as its cluster does)."""
+        self._http.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
     def shutdown(self) -> None:
         """Delete the apps this object deployed (not those merely attached with `app()`, never those a
-        RayService owns), close the connection, and stop the embedded Ray if this process started it."""
+        RayService owns), then `close()`."""
         if self.managed_by is None:
             for name in sorted(self.deployed):
                 try:
                     self.delete(name)
                 except ClusterError as e:
                     log.warning("could not delete %s: %s", name, e)
-        for handle in self.handles.values():
-            handle.close()
-        self._http.close()
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
+        self.close()
 
     def _repr_html_(self) -> str:
         try:

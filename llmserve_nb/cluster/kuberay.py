@@ -6,45 +6,35 @@ RayService first: a RayService name is the stable handle while the clusters behi
 so if both kinds share the name, the RayService is what the user means.
 
 `KubeRayCluster.connect()` returns URLs for the dashboard, Serve and the Ray client: in-cluster DNS when this
-process runs in a pod, otherwise a port-forward (`kubectl port-forward svc/...` when kubectl is there and the
-kubeconfig was loaded here, else the kubernetes client's pod port-forward to the head pod). A port-forward lives
-until `KubeRayConnection.close()` or, at the latest, until this process exits.
+process runs in a pod, otherwise a `kubectl port-forward` to the head service (`llmserve_nb.cluster.portforward`)
+through the same API server this object reads. A port-forward lives until `KubeRayConnection.close()` or, at the
+latest, until this process exits.
 
 The public way in is `llmserve_nb.connect(kuberay=name, namespace=...)`; this module is its Kubernetes side.
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
-import collections
 import json
-import logging
 import os
-import queue
 import re
-import shutil
-import socket
-import subprocess
-import threading
 import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmserve_nb.cluster import ClusterError
+from llmserve_nb.cluster.errors import KubeRayError
+from llmserve_nb.cluster.portforward import PortForward, kubeconfig_of
 
 __all__ = [
     "HeadService",
     "KubeRayCluster",
     "KubeRayConnection",
-    "KubeRayError",
     "auth_secret_name",
     "versions_from_image",
 ]
-
-log = logging.getLogger(__name__)
 
 GROUP, VERSION = "ray.io", "v1"
 _PLURAL = {"RayCluster": "rayclusters", "RayService": "rayservices"}
@@ -65,10 +55,6 @@ _RBAC_HINT = (
 _API_TIMEOUT = (5.0, 30.0)
 # The key KubeRay's auth Secret keeps the token under (utils.RAY_AUTH_TOKEN_SECRET_KEY in v1.7).
 AUTH_TOKEN_KEY = "auth_token"
-
-
-class KubeRayError(ClusterError):
-    """Anything that stops us from finding or reaching a KubeRay cluster; the message says what and where."""
 
 
 @dataclass(frozen=True)
@@ -209,8 +195,9 @@ class KubeRayCluster:
         if kind not in ("auto", *_PLURAL):
             raise KubeRayError(f"kind must be 'auto', 'RayCluster' or 'RayService', not {kind!r}")
         self._kind = kind
-        # kubectl only talks to the cluster the kubeconfig names, so it is used only when we loaded that same one.
-        self._kubeconfig = api_client is None and "KUBERNETES_SERVICE_HOST" not in os.environ
+        # The port-forward goes through the API server we read: the user's kubeconfig when we loaded it,
+        # else one written from the caller's client.
+        self._own_kubeconfig = api_client is None and "KUBERNETES_SERVICE_HOST" not in os.environ
         if api_client is None:
             try:
                 if "KUBERNETES_SERVICE_HOST" in os.environ:
@@ -375,27 +362,6 @@ class KubeRayCluster:
             )
         return HeadService(svc_name, self.namespace, ports)
 
-    def head_pod(self, cluster_name: str) -> str:
-        """Name of the running head pod. Labels are matched here too, not only by the server's selector."""
-        want = {"ray.io/node-type": "head", "ray.io/cluster": cluster_name}
-        pods = self._call(
-            "list pods",
-            self._core.list_namespaced_pod,
-            self.namespace,
-            label_selector=",".join(f"{k}={v}" for k, v in want.items()),
-        ).items
-        running = [
-            p.metadata.name
-            for p in pods
-            if want.items() <= (p.metadata.labels or {}).items() and (p.status and p.status.phase) == "Running"
-        ]
-        if not running:
-            raise KubeRayError(
-                f"no running head pod of RayCluster {cluster_name!r} in namespace {self.namespace!r} "
-                f"(pods labelled {want})"
-            )
-        return sorted(running)[0]
-
     def auth_token(self, secret: str | None = None, cluster: dict[str, Any] | None = None) -> str | None:
         """Ray's auth token from the cluster's auth Secret (key `auth_token`); None when the cluster has no
         token auth.
@@ -433,7 +399,7 @@ class KubeRayCluster:
         return base64.b64decode(data[AUTH_TOKEN_KEY]).decode().strip()
 
     # ---- connecting --------------------------------------------------------------------------------
-    def connect(self, port_forward: Literal["auto", "kubectl", "client"] = "auto") -> KubeRayConnection:
+    def connect(self) -> KubeRayConnection:
         """URLs for the (ready) cluster's head: in-cluster DNS inside a pod, a port-forward outside."""
         cluster = self.raycluster()
         svc = self.head_service(cluster)
@@ -446,15 +412,11 @@ class KubeRayCluster:
         else:
             how = "port-forward"
             remote = {role: svc.ports[role] for role in _FORWARDED if role in svc.ports}
-            use_kubectl = port_forward == "kubectl" or (
-                port_forward == "auto" and self._kubeconfig and shutil.which("kubectl")
-            )
-            if use_kubectl:
-                local, stop = _kubectl_forward(svc.name, self.namespace, list(remote.values()), self.context)
-            else:
-                local, stop = _client_forward(self._api, self.namespace, self.head_pod(cname), list(remote.values()))
-            closers.append(stop)
-            addr = {role: ("127.0.0.1", local[port]) for role, port in remote.items()}
+            kubeconfig = None if self._own_kubeconfig else kubeconfig_of(self._api.configuration, self.namespace)
+            forward = PortForward(svc.name, self.namespace, list(remote.values()), context=self.context,
+                                  kubeconfig=kubeconfig)
+            closers.append(forward.close)
+            addr = {role: ("127.0.0.1", forward.local[port]) for role, port in remote.items()}
         return KubeRayConnection(
             dashboard_url="http://%s:%d" % addr["dashboard"],
             serve_url="http://%s:%d" % addr["serve"] if "serve" in addr else None,
@@ -476,169 +438,3 @@ def auth_secret_name(raycluster: str) -> str:
         name = "r" + name[1:]
     return name
 
-
-_FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
-
-
-def _kubectl_forward(
-    service: str, namespace: str, ports: list[int], context: str | None, timeout_s: float = 20.0
-) -> tuple[dict[int, int], Callable[[], None]]:
-    cmd = [
-        "kubectl",
-        "port-forward",
-        "--address",
-        "127.0.0.1",
-        "-n",
-        namespace,
-        f"svc/{service}",
-        *[f":{p}" for p in ports],
-    ]
-    if context:
-        cmd[1:1] = ["--context", context]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-    forwarding = threading.Event()  # set once every port is known; later lines only need draining
-    stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
-
-    # Both pipes are read for the forward's whole life: kubectl logs every connection (and every failed one to
-    # stderr), and a full pipe would block it.
-    def pump_stdout() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if not forwarding.is_set():
-                lines.put(line)
-        lines.put(None)
-
-    def pump_stderr() -> None:
-        for line in proc.stderr:  # type: ignore[union-attr]
-            stderr_tail.append(line.rstrip())
-            log.warning("kubectl port-forward svc/%s: %s", service, line.rstrip())
-
-    pumps = [
-        threading.Thread(target=pump, daemon=True, name=f"kubectl-port-forward-{service}-{name}")
-        for name, pump in (("stdout", pump_stdout), ("stderr", pump_stderr))
-    ]
-    for pump in pumps:
-        pump.start()
-
-    def stop() -> None:
-        atexit.unregister(stop)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    # A kernel that exits (or restarts) without closing the connection must not leave kubectl running.
-    atexit.register(stop)
-    local: dict[int, int] = {}
-    deadline = time.monotonic() + timeout_s
-    while len(local) < len(ports):
-        try:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-        except queue.Empty:
-            stop()
-            raise KubeRayError(
-                f"`{' '.join(cmd)}` printed no forwarding for ports {ports} within {timeout_s:g}s"
-            ) from None
-        if line is None:
-            stop()
-            pumps[1].join(5)
-            err = "\n".join(stderr_tail)
-            raise KubeRayError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {err or 'no message'}")
-        if m := _FORWARDING.search(line):
-            local[int(m.group(2))] = int(m.group(1))
-    forwarding.set()
-    return local, stop
-
-
-def _client_forward(api: Any, namespace: str, pod: str, ports: list[int]) -> tuple[dict[int, int], Callable[[], None]]:
-    """Local listeners that relay each accepted connection over its own API-server port-forward stream.
-
-    A connection that cannot be forwarded is closed and logged (warning, logger `llmserve_nb.cluster.kuberay`),
-    with the API server's reason when it gave one.
-    """
-    from kubernetes import client
-    from kubernetes.stream import portforward
-
-    # `portforward` swaps a method on the ApiClient it is given while it runs, so give it a private one.
-    ws_client = client.ApiClient(configuration=api.configuration)
-    ws_api = client.CoreV1Api(ws_client)
-    lock = threading.Lock()
-    stopping = threading.Event()
-    listeners: list[socket.socket] = []
-    open_forwards: set[Any] = set()
-    local: dict[int, int] = {}
-
-    def close_quietly(s: Any) -> None:
-        try:
-            s.close()
-        except OSError:
-            pass
-
-    def relay(src: Any, dst: Any, port: int) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError as e:
-            if not stopping.is_set():
-                log.warning("port-forward to pod %s/%s port %d: relay failed: %s", namespace, pod, port, e)
-        finally:
-            close_quietly(src)
-            close_quietly(dst)
-
-    def forward(conn: socket.socket, port: int) -> None:
-        try:
-            with lock:
-                pf = portforward(ws_api.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port))
-            remote = pf.socket(port)
-        except Exception as e:  # noqa: BLE001 - one failed connection must not stop the listener
-            log.warning("port-forward to pod %s/%s port %d failed: %s", namespace, pod, port, e)
-            close_quietly(conn)
-            return
-        with lock:
-            open_forwards.add(pf)
-        inbound = threading.Thread(target=relay, args=(conn, remote, port), daemon=True)
-        inbound.start()
-        relay(remote, conn, port)
-        inbound.join()
-        if (error := pf.error(port)) and not stopping.is_set():
-            log.warning("port-forward to pod %s/%s port %d: %s", namespace, pod, port, error.strip())
-        with lock:
-            open_forwards.discard(pf)
-        close_quietly(pf)
-
-    def serve(listener: socket.socket, port: int) -> None:
-        while not stopping.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=forward, args=(conn, port), daemon=True).start()
-
-    for port in ports:
-        listener = socket.create_server(("127.0.0.1", 0))
-        listeners.append(listener)
-        local[port] = listener.getsockname()[1]
-        threading.Thread(target=serve, args=(listener, port), daemon=True, name=f"port-forward-{pod}-{port}").start()
-
-    def stop() -> None:
-        atexit.unregister(stop)
-        stopping.set()
-        for listener in listeners:
-            # close() alone leaves the socket listening while a thread is blocked in accept(); shutdown wakes it.
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            listener.close()
-        with lock:
-            forwards = list(open_forwards)
-            open_forwards.clear()
-        for pf in forwards:
-            close_quietly(pf)
-        ws_client.close()
-
-    atexit.register(stop)
-    return local, stop

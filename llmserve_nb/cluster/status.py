@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AppStatus", "Deployment", "Replica", "parse_serve_details"]
+__all__ = ["NOT_DEPLOYED", "AppStatus", "Deployment", "Replica", "parse_serve_details"]
+
+# The status of an application Serve does not know (never deployed, or deleted).
+NOT_DEPLOYED = "NOT_DEPLOYED"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Deployment:
     message: str = ""
     target_replicas: int | None = None  # what the controller (the autoscaler) wants now
     replicas: tuple[Replica, ...] = ()
+    user_config: dict[str, Any] | None = None  # what the replicas' reconfigure() got (live batching)
 
     @property
     def running(self) -> list[Replica]:
@@ -48,13 +52,14 @@ class Deployment:
     def parse(cls, name: str, raw: dict[str, Any]) -> Deployment:
         return cls(name=name, status=str(raw.get("status") or ""), message=str(raw.get("message") or ""),
                    target_replicas=raw.get("target_num_replicas"),
-                   replicas=tuple(Replica.parse(r) for r in raw.get("replicas") or []))
+                   replicas=tuple(Replica.parse(r) for r in raw.get("replicas") or []),
+                   user_config=(raw.get("deployment_config") or {}).get("user_config"))
 
 
 @dataclass(frozen=True)
 class AppStatus:
     name: str
-    status: str = ""  # DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, NOT_STARTED
+    status: str = ""  # DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, NOT_STARTED, or NOT_DEPLOYED
     message: str = ""
     route_prefix: str | None = None
     deployments: dict[str, Deployment] = field(default_factory=dict)
@@ -69,12 +74,50 @@ class AppStatus:
     def replicas(self) -> list[Replica]:
         return [r for d in self.deployments.values() for r in d.replicas]
 
+    @property
+    def running_replicas(self) -> int:
+        return sum(r.running for r in self.replicas)
+
+    def serve_messages(self, limit: int = 3000) -> str:
+        """Serve's own words: the app's message, then its deployments' (a replica's traceback ends with the
+        cause, so a long text keeps its end)."""
+        messages = [self.message] + [d.message for d in self.deployments.values()]
+        text = "\n".join(m for m in messages if m) or "Serve gave no message"
+        return text if len(text) <= limit else "…" + text[-limit:]
+
+    def runs(self, application: dict[str, Any]) -> bool:
+        """Serve runs this `applications:` entry: every key of it, and every key of each of its `deployments:`,
+        equals what Serve echoes back in `deployed_config`. Keys Serve has beyond ours are not compared."""
+        got = self.deployed_config
+        if not all(_same(v, got.get(k)) for k, v in application.items() if k != "deployments"):
+            return False
+        echoed = {d.get("name"): d for d in got.get("deployments") or []}
+        return all(
+            d["name"] in echoed and all(_same(v, echoed[d["name"]].get(k)) for k, v in d.items())
+            for d in application.get("deployments") or []
+        )
+
     @classmethod
     def parse(cls, name: str, raw: dict[str, Any]) -> AppStatus:
         return cls(name=name, status=str(raw.get("status") or ""), message=str(raw.get("message") or ""),
                    route_prefix=raw.get("route_prefix"),
                    deployments={d: Deployment.parse(d, v or {}) for d, v in (raw.get("deployments") or {}).items()},
                    deployed_config=dict(raw.get("deployed_app_config") or {}))
+
+
+def _same(want: Any, got: Any) -> bool:
+    """`got` is `want` as Serve echoes it back: through its schema 2 may come back as 2.0, and a key we
+    set to None may be left out."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            return False
+        keys = {k for k, v in want.items() if v is not None} | {k for k, v in got.items() if v is not None}
+        return all(_same(want.get(k), got.get(k)) for k in keys)
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, (list, tuple)) and len(want) == len(got) and all(map(_same, want, got))
+    if isinstance(want, (int, float)) and not isinstance(want, bool):
+        return isinstance(got, (int, float)) and not isinstance(got, bool) and float(want) == float(got)
+    return want == got
 
 
 def parse_serve_details(details: dict[str, Any]) -> dict[str, AppStatus]:

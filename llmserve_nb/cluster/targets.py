@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -17,21 +16,10 @@ from urllib.parse import urlparse
 
 from llmserve_nb.cluster.client import Cluster
 from llmserve_nb.cluster.errors import ClusterError
+from llmserve_nb.cluster.ports import free_port
 
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
-
-
-def _free_port(preferred: int) -> int:
-    """`preferred` if nothing listens there, else an ephemeral port (so tests and notebooks can coexist)."""
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise ClusterError("no free TCP port on 127.0.0.1")
 
 
 def read_ray_token() -> str | None:
@@ -57,12 +45,12 @@ def _start_local(num_cpus: int | None, dashboard_port: int | None, serve_port: i
     global _local
     if _local is not None and ray.is_initialized():
         return _local
-    sport = serve_port or _free_port(SERVE_PORT)
+    sport = serve_port or free_port(SERVE_PORT)
     for attempt in range(3):
         # Between our probe and the dashboard's bind another process can take the port: retry elsewhere.
         # An ephemeral port unless one is asked for: a busy 8265 surfaces only after Ray's whole dashboard
         # start-up timeout.
-        dport = dashboard_port or _free_port(0)
+        dport = dashboard_port or free_port(0)
         try:
             ctx = ray.init(
                 # "local" always starts a fresh cluster; plain ray.init() would silently attach to
@@ -134,7 +122,7 @@ def _address_cluster(address: str, serve_url: str | None, dashboard_port: int | 
 
 def _kuberay_cluster(
     name: str, namespace: str | None, kind: str, context: str | None, token: str | None, token_secret: str | None,
-    port_forward: str, timeout_s: float, api_client: Any,
+    timeout_s: float, api_client: Any,
 ) -> tuple[Cluster, tuple[str | None, str | None]]:
     """The Cluster behind a KubeRay RayCluster/RayService, and the (ray, python) versions its spec declares."""
     from llmserve_nb.cluster.kuberay import KubeRayCluster
@@ -144,7 +132,7 @@ def _kuberay_cluster(
     raycluster = kr.raycluster()
     if token is None:
         token = kr.auth_token(token_secret, raycluster)
-    conn = kr.connect(port_forward=port_forward)  # type: ignore[arg-type]
+    conn = kr.connect()
     if conn.serve_url is None:
         conn.close()
         raise ClusterError(f"head service of {kr.namespace}/{conn.cluster_name} exposes no 'serve' port (8000)")
@@ -167,7 +155,6 @@ def connect(
     serve_url: str | None = None,
     token: str | None = None,
     token_secret: str | None = None,
-    port_forward: Literal["auto", "kubectl", "client"] = "auto",
     num_cpus: int | None = None,
     dashboard_port: int | None = None,
     serve_port: int | None = None,
@@ -188,7 +175,7 @@ def connect(
     - "kuberay": a KubeRay RayCluster or RayService (its active cluster) named `kuberay` in
       `namespace`, read through the Kubernetes API (`api_client`, else the kubeconfig `context`, or
       the pod's service account); waits until it is ready, then reaches the head service by in-cluster
-      DNS inside a pod, or through a port-forward outside.
+      DNS inside a pod, or outside through `kubectl port-forward` to the same API server.
 
     Ray token auth, first match wins:
     - address: `token=`, then $RAY_AUTH_TOKEN, then the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
@@ -214,8 +201,8 @@ def connect(
     elif target == "kuberay":
         if not kuberay:
             raise ClusterError("target='kuberay' needs kuberay='<RayCluster or RayService name>' (and namespace=)")
-        cluster, declared = _kuberay_cluster(kuberay, namespace, kind, context, token, token_secret, port_forward,
-                                             timeout_s, api_client)
+        cluster, declared = _kuberay_cluster(kuberay, namespace, kind, context, token, token_secret, timeout_s,
+                                             api_client)
     else:
         raise ClusterError(f"target={target!r}: use 'local', 'address' or 'kuberay'")
     try:

@@ -1,8 +1,9 @@
 """The generation engine.
 
-`protocol` is all the server may use: prepare → submit → an async stream of outputs, `abort`,
-`check_health`, `stats`. `TransformersEngine` implements it with `HFEngine` (the transformers model
-and its decode step) and `ContinuousBatcher` (the scheduler thread); `loading` finds, converts and
+`protocol.Engine` is all the server may use: prepare → submit → an async stream of outputs, `abort`,
+`configure`, `check_health`, `stats`, `info`, `inject_fault`, `close`; `create_engine` makes one from
+an `EngineConfig`. `TransformersEngine` implements it with `HFEngine` (the transformers model and
+its decode step) and `ContinuousBatcher` (the scheduler thread); `loading` finds, converts and
 places the model; `cpu_linear` runs its Linear layers on oneDNN on CPU; `detokenizer` turns ids into
 streamable text.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "RequestOutput",
     "RequestStream",
     "TransformersEngine",
+    "create_engine",
     "embedded_model_path",
     "load_engine",
     "local_model_dir",
@@ -38,7 +40,12 @@ __all__ = [
 ]
 
 
+def create_engine(cfg: EngineConfig) -> Engine:
+    """The serving engine `cfg` describes, loaded and running (what a replica serves)."""
+    return TransformersEngine(cfg)
+
+
 def load_engine(cfg: EngineConfig | None = None) -> HFEngine:
-    """Load the transformers model for offline use (`HFEngine.generate`, one static batch). The server
-    wraps it in `TransformersEngine`."""
+    """Load the transformers model for offline use (`HFEngine.generate`, one static batch). The server's
+    engine comes from `create_engine`."""
     return HFEngine(cfg or EngineConfig())

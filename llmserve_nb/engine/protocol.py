@@ -149,29 +149,52 @@ class RequestStream:
 
 @runtime_checkable
 class Engine(Protocol):
-    """What the server uses of an engine. Implementations: `TransformersEngine`."""
+    """Everything the server uses of an engine. Implementations: `TransformersEngine` (made by
+    `llmserve_nb.engine.create_engine`)."""
 
     model_name: str
     max_model_len: int
 
     async def prepare(self, request: GenerationRequest, request_id: str | None = None) -> PreparedRequest:
-        """Check and tokenize a request off the event loop; ValueError says what is wrong with it."""
+        """Check and tokenize a request off the event loop; ValueError says what is wrong with it,
+        EngineDeadError that the engine cannot serve."""
         ...
 
     def submit(self, prepared: Sequence[PreparedRequest]) -> list[RequestStream]:
         """Start the requests, admitted together (one prefill); one stream each, in order. Call it on the
-        event loop that consumes the streams."""
+        event loop that consumes the streams. A request aborted before it was submitted ends at once
+        with finish_reason "abort"."""
         ...
 
     def abort(self, request_id: str) -> None:
         """Stop a request (its client went away): it leaves the running batch within one step and its
-        stream ends with finish_reason "abort". Unknown or finished ids are ignored."""
+        stream ends with finish_reason "abort". An abort that comes before its request's `submit`
+        is kept (a bounded number of them) and honoured there; finished ids are ignored."""
+        ...
+
+    def configure(self, *, max_num_seqs: int) -> None:
+        """Change what the engine runs at once, live: at most `max_num_seqs` sequences decode together
+        (1 = one at a time). Rows already running finish; the limit applies to admissions."""
         ...
 
     def check_health(self) -> None:
-        """Raise EngineDeadError if the engine cannot serve (its decode loop died)."""
+        """Raise EngineDeadError if the engine cannot serve (its decode loop died, or it was closed)."""
         ...
 
     def stats(self) -> dict[str, Any]:
         """Scheduler state: running and waiting requests, KV cache use, decode steps."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """What the engine is: model, context length, where and how it was loaded, and load timings."""
+        ...
+
+    def inject_fault(self, message: str) -> None:
+        """Fault injection for tests and experiments: the decode loop dies on its next iteration as a
+        bug inside it would (RuntimeError(message)); every request fails and `check_health` raises."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engine: its decode loop ends, requests in flight fail with EngineDeadError, and so do
+        later calls. Idempotent."""
         ...

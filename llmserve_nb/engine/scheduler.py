@@ -5,14 +5,16 @@ group, merged into the running batch), applies aborts, and steps every running r
 leaves the batch, and its stream ends, the step it finishes. Failures are isolated: a failed
 prefill fails only its admission group, a row whose sampling fails only that row; a failed
 forward pass of the running batch fails the rows it carried (it cannot blame one), and the loop
-goes on serving.
+goes on serving. The loop ends only when the engine is closed, or on a bug in the loop itself (or
+an injected fault): then every request in flight fails with EngineDeadError, and so does every
+later submit.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -30,6 +32,16 @@ __all__ = ["ContinuousBatcher", "TransformersEngine"]
 
 log = logging.getLogger(__name__)
 
+# Aborts of requests the scheduler does not hold are kept for a later submit of the same id (a client
+# that left while its request waited for its admission batch). Aborts of requests that already
+# finished land there too and are never claimed: the oldest are forgotten past this many.
+EARLY_ABORTS_KEPT = 1024
+CLOSED = "the engine was closed (its replica is shutting down); it takes no more requests"
+
+
+class _Closing(Exception):
+    """Ends the scheduler loop from inside: `close()` was called."""
+
 
 class ContinuousBatcher:
     """The scheduler thread: admission groups join the running decode loop between steps."""
@@ -39,13 +51,16 @@ class ContinuousBatcher:
         self.max_num_seqs = max_num_seqs
         self._pending: deque[list[Row]] = deque()
         self._aborts: set[str] = set()
+        self._early_aborts: OrderedDict[str, None] = OrderedDict()
         self._cond = threading.Condition()
         self._running: DecodeBatch | None = None
+        self._fault: str | None = None
+        self._closing = False
         self.steps = 0
         self.running_max = 0
         self.aborted = 0
         self.width_max = 0
-        self.fatal: BaseException | None = None
+        self.dead: str | None = None  # why the loop ended; None while it runs
         self._thread = threading.Thread(target=self._loop, name="llm-continuous-batcher", daemon=True)
         self._thread.start()
 
@@ -55,8 +70,12 @@ class ContinuousBatcher:
         if not rows:
             return
         with self._cond:
-            if self.fatal is not None:
-                raise EngineDeadError(f"the engine's decode loop died: {self.fatal!r}")
+            if self.dead is not None or self._closing:
+                raise EngineDeadError(self.dead or CLOSED)
+            aborted_early = {r.request_id for r in rows if r.request_id in self._early_aborts}
+            for request_id in aborted_early:
+                del self._early_aborts[request_id]
+            self._aborts |= aborted_early  # the next iteration takes them out of the queue unprefilled
             self._pending.append(rows)
             self._cond.notify()
 
@@ -65,9 +84,24 @@ class ContinuousBatcher:
             self._aborts.add(request_id)
             self._cond.notify()
 
+    def inject_fault(self, message: str) -> None:
+        with self._cond:
+            self._fault = message
+            self._cond.notify()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """End the loop after its current step and wait for the thread; requests in flight fail."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("the continuous batcher did not stop within %.0f s", timeout_s)
+
     @property
     def alive(self) -> bool:
-        return self.fatal is None and self._thread.is_alive()
+        return self.dead is None and self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -93,10 +127,18 @@ class ContinuousBatcher:
     # ---- the scheduler thread ------------------------------------------------------------------
     def _take(self) -> tuple[list[list[Row]], set[str]]:
         with self._cond:
-            while not self._pending and self._running is None and not self._aborts:
+            while (not self._pending and self._running is None and not self._aborts
+                   and self._fault is None and not self._closing):
                 self._cond.wait()
+            if self._fault is not None:
+                raise RuntimeError(self._fault)
+            if self._closing:
+                raise _Closing()
             aborts, self._aborts = self._aborts, set()
             if aborts:
+                held = {r.request_id for g in self._pending for r in g}
+                held |= {r.request_id for r in self._running.rows} if self._running else set()
+                self._keep_early_aborts(aborts - held)
                 for group in self._pending:
                     self._abort_rows([r for r in group if r.request_id in aborts])
                     group[:] = [r for r in group if r.request_id not in aborts]
@@ -114,6 +156,12 @@ class ContinuousBatcher:
                 if group:
                     taken.append(group)
             return taken, aborts
+
+    def _keep_early_aborts(self, request_ids: set[str]) -> None:
+        for request_id in request_ids:
+            self._early_aborts[request_id] = None
+        while len(self._early_aborts) > EARLY_ABORTS_KEPT:
+            self._early_aborts.popitem(last=False)
 
     def _abort_rows(self, rows: list[Row]) -> None:
         for row in rows:
@@ -168,15 +216,19 @@ class ContinuousBatcher:
         try:
             while True:
                 self._iteration()
+        except _Closing:
+            log.info("the continuous batcher stopped: the engine was closed")
+            reason = CLOSED
         except BaseException as e:  # a bug in the loop itself: fail everything, let the health check report it
             log.exception("the continuous batcher died")
-            with self._cond:
-                self.fatal = e
-                rows = [r for g in self._pending for r in g] + (self._running.rows if self._running else [])
-                self._pending.clear()
-                self._running = None
-            for row in rows:
-                row.fail(EngineDeadError(f"the engine's decode loop died: {e!r}"))
+            reason = f"the engine's decode loop died: {e!r}"
+        with self._cond:
+            self.dead = reason
+            rows = [r for g in self._pending for r in g] + (self._running.rows if self._running else [])
+            self._pending.clear()
+            self._running = None
+        for row in rows:
+            row.fail(EngineDeadError(reason))
 
 
 class TransformersEngine:
@@ -188,20 +240,12 @@ class TransformersEngine:
         self.model = model or HFEngine(self.cfg)
         self.model_name = self.model.model_name
         self.max_model_len = self.model.max_model_len
-        self.load_timings = self.model.load_timings
         self.batcher = ContinuousBatcher(self.model, max_num_seqs=self.cfg.max_num_seqs)
         # One worker: the fast tokenizer is not safe to call from several threads at once.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="llm-tokenize")
 
-    @property
-    def max_num_seqs(self) -> int:
-        return self.batcher.max_num_seqs
-
-    @max_num_seqs.setter
-    def max_num_seqs(self, value: int) -> None:
-        self.batcher.max_num_seqs = value
-
     async def prepare(self, request: GenerationRequest, request_id: str | None = None) -> PreparedRequest:
+        self.check_health()
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(self._tokenizer_thread, self.model.prompt_ids, request)
         return PreparedRequest(request, ids, request_id or new_request_id())
@@ -223,9 +267,24 @@ class TransformersEngine:
     def abort(self, request_id: str) -> None:
         self.batcher.abort(request_id)
 
+    def configure(self, *, max_num_seqs: int) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.batcher.max_num_seqs = max_num_seqs
+
     def check_health(self) -> None:
         if not self.batcher.alive:
-            raise EngineDeadError(f"the engine's decode loop is not running ({self.batcher.fatal!r})")
+            raise EngineDeadError(self.batcher.dead or "the engine's decode loop is not running")
 
     def stats(self) -> dict[str, Any]:
         return self.batcher.stats()
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.model_name, "max_model_len": self.max_model_len, **self.model.load_timings}
+
+    def inject_fault(self, message: str) -> None:
+        self.batcher.inject_fault(message)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)

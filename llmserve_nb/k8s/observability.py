@@ -1,10 +1,11 @@
 """Production observability, rendered from the same configs: PodMonitors for Ray's metrics port, PrometheusRule
 alerts for the backend each app selects, and a Grafana dashboard (JSON plus a ConfigMap for Grafana's sidecar).
 
-Engine metrics are `<prefix>_*`: `ray_llmserve_*` (this package's engine, names from `llmserve_nb.observability.promql`) or
-`ray_vllm_*` (vLLM's own metrics through Ray). They share names, so one dashboard serves both through the
-`prefix` template variable, and both carry `model_name`, the only label vLLM's have. Serve's `ray_serve_*`
-names are Ray 2.60's (ray/dashboard/modules/metrics/dashboards/serve_*_panels.py and ray/serve/_private/).
+Engine metrics are `<prefix>_*`, each backend's `metric_prefix` and `engine_metrics`: `ray_llmserve_*` (this
+package's engine, names from `llmserve_nb.observability.promql`) or `ray_vllm_*` (vLLM's own metrics through
+Ray). They share names, so one dashboard serves every backend through the `prefix` template variable, and
+all carry `model_name`, the only label vLLM's have. Serve's `ray_serve_*` names are Ray 2.60's
+(ray/dashboard/modules/metrics/dashboards/serve_*_panels.py and ray/serve/_private/).
 `all_promql_expressions()` lists every PromQL expression shipped here, ready to run against a Prometheus.
 """
 
@@ -13,52 +14,32 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig
+from llmserve_nb.backends import Backend, all_backends, backend_for, get_backend
+from llmserve_nb.config import AppConfig
 from llmserve_nb.k8s.options import NAME_LABEL, ClusterSpec, ManifestError
 from llmserve_nb.k8s.profiles import profile
 
-Backend = Literal["transformers", "vllm"]
-ENGINE_PREFIX: dict[str, str] = {"transformers": "ray_llmserve", "vllm": "ray_vllm"}
 MONITORING_API = "monitoring.coreos.com/v1"
 DASHBOARD_UID = "llmserve-nb"
 DASHBOARD_FILE = "llmserve-nb.json"
-# Names the vLLM backend exports through Ray (vLLM's `vllm:*` metrics, renamed by its Ray stat logger).
-VLLM_METRICS = frozenset(
-    f"ray_vllm_{m}"
-    for m in (
-        "time_to_first_token_seconds",
-        "request_time_per_output_token_seconds",
-        "e2e_request_latency_seconds",
-        "prompt_tokens_total",
-        "generation_tokens_total",
-        "request_success_total",
-        "num_requests_running",
-        "num_requests_waiting",
-        "kv_cache_usage_perc",
-    )
-)
-_ALL = ("transformers", "vllm")
+_PREFIX_VAR = "${prefix}"
 
 
-def _exported_names(backend: str) -> frozenset[str]:
-    if backend == "vllm":
-        return VLLM_METRICS
-    from llmserve_nb.observability.promql import METRIC_NAMES
-
-    return frozenset(METRIC_NAMES)
+def _engine_metric_names(expr: str, backend: Backend) -> set[str]:
+    """The engine metrics `expr` names, as base names (without a histogram's _bucket/_sum/_count)."""
+    names = re.findall(rf"\b{backend.metric_prefix}_[a-z0-9_]+", expr)
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name in names}
 
 
-def _check_engine_metrics(exprs: dict[str, str], backend: str) -> None:
+def _check_engine_metrics(exprs: dict[str, str], backend: Backend) -> None:
     """Fail rendering when an expression names an engine metric the backend does not export."""
-    prefix = ENGINE_PREFIX[backend]
-    known = _exported_names(backend)
     for where, expr in exprs.items():
-        for name in re.findall(rf"\b{prefix}_[a-z0-9_]+", expr):
-            base = re.sub(r"_(bucket|sum|count)$", "", name)
-            if base not in known:
-                raise ManifestError(f"{where}: {name} is not a metric the {backend} backend exports ({sorted(known)})")
+        unknown = _engine_metric_names(expr, backend) - backend.engine_metrics
+        if unknown:
+            raise ManifestError(f"{where}: {sorted(unknown)} are not metrics the {backend.name} backend exports "
+                                f"({sorted(backend.engine_metrics)})")
 
 
 # ---- scraping --------------------------------------------------------------------------------------
@@ -126,26 +107,15 @@ class Alert:
         }
 
 
-def _engine_selector(app: AppConfig) -> str:
-    # vLLM's metrics carry model_name only; this package's also carry Serve's application label.
-    if app.engine.backend == "vllm":
-        return f'model_name="{app.engine.model_name}"'
-    return f'application="{app.name}"'
-
-
 def alerts(app: AppConfig, spec: ClusterSpec | None = None) -> list[Alert]:
     """The alerts for one application, on the metrics of the backend it selects."""
     a = (spec or ClusterSpec()).alerts
-    backend = app.engine.backend
-    p = ENGINE_PREFIX[backend]
-    sel = _engine_selector(app)
+    backend = backend_for(app)
+    p = backend.metric_prefix
+    sel = backend.engine_selector(app)
     by_model = "namespace, model_name"
     by_app = "namespace, application"
-    if backend == "vllm":
-        # vLLM's ingress has no request counter of ours; Serve's proxy counts every HTTP answer per application.
-        http, status = "ray_serve_num_http_requests_total", "status_code"
-    else:
-        http, status = f"{p}_http_requests_total", "status"
+    http, status = backend.http_requests
     app_sel = f'application="{app.name}"'
     total = f"sum by ({by_app}) (rate({http}{{{app_sel}}}[{a.window}]))"
     errors = f'sum by ({by_app}) (rate({http}{{{app_sel},{status}=~"5.."}}[{a.window}]))'
@@ -191,7 +161,7 @@ def alerts(app: AppConfig, spec: ClusterSpec | None = None) -> list[Alert]:
                 "LLMServeReplicasAtMax", app.name,
                 # The controller's target, per cluster; max() over the old and new cluster during an upgrade.
                 f"max by ({by_app}, deployment) "
-                f'(ray_serve_autoscaling_target_replicas{{{app_sel},deployment=~"{DEPLOYMENT_NAME}.*"}})',
+                f'(ray_serve_autoscaling_target_replicas{{{app_sel},deployment="{backend.model_deployment(app)}"}})',
                 f">= {top}",
                 a.replicas_at_max_for,
                 "warning",
@@ -227,7 +197,13 @@ class _Panel:
     unit: str
     targets: tuple[tuple[str, str], ...]  # (expr, legend)
     description: str
-    backends: tuple[str, ...] = _ALL
+
+    def exprs(self, backend: Backend) -> list[str]:
+        return [e.replace(_PREFIX_VAR, backend.metric_prefix) for e, _ in self.targets]
+
+    def serves(self, backend: Backend) -> bool:
+        """Whether the backend exports every engine metric of the panel."""
+        return all(_engine_metric_names(e, backend) <= backend.engine_metrics for e in self.exprs(backend))
 
 
 _ENG = 'model_name=~"$model_name"'
@@ -243,7 +219,7 @@ def _quantiles(metric: str, sel: str, qs: tuple[float, ...], by: str = "le") -> 
 
 
 def _engine_panels() -> list[_Panel]:
-    p = "${prefix}"
+    p = _PREFIX_VAR
     return [
         _Panel("Time to first token", "s", _quantiles(f"{p}_time_to_first_token_seconds", _ENG, (0.5, 0.9, 0.99)),
                "From arrival to the first generated token, queueing included."),
@@ -267,8 +243,8 @@ def _engine_panels() -> list[_Panel]:
             (f"sum by (finished_reason) (rate({p}_request_success_total{{{_ENG}}}[{_RATE}]))", "{{finished_reason}}"),
         ), "stop, length, abort (client gone), error."),
         _Panel("Admission batch size", "none",
-               _quantiles("ray_llmserve_admission_batch_size", _ENG, (0.5, 0.99)),
-               "Requests admitted together (this package's engine only).", ("transformers",)),
+               _quantiles(f"{p}_admission_batch_size", _ENG, (0.5, 0.99)),
+               "Requests admitted together (engines that form admission batches: this package's)."),
     ]
 
 
@@ -307,14 +283,13 @@ def _prom_target(expr: str, legend: str, ref: int) -> dict[str, Any]:
             "refId": chr(ord("A") + ref)}
 
 
-def grafana_dashboard(backend: Backend = "transformers") -> dict[str, Any]:
-    """The dashboard; `backend` picks the default of its `prefix` variable."""
-    for b, prefix in ENGINE_PREFIX.items():
-        _check_engine_metrics(
-            {f"dashboard panel {p.title!r}": e.replace("${prefix}", prefix)
-             for p in _engine_panels() if b in p.backends for e, _ in p.targets},
-            b,
-        )
+def grafana_dashboard(backend: str = "transformers") -> dict[str, Any]:
+    """The dashboard of every backend; `backend` picks the default of its `prefix` variable."""
+    for panel in _engine_panels():
+        # A panel no backend serves names a metric nobody exports (a typo): it would stay empty.
+        if not any(panel.serves(b) for b in all_backends()):
+            raise ManifestError(f"dashboard panel {panel.title!r}: no backend exports all of "
+                                f"{[e for e, _ in panel.targets]}")
     panels: list[dict[str, Any]] = []
     y = 0
     for row_title, row in (("Engine: ${prefix}_*", _engine_panels()), ("Ray Serve", _serve_panels())):
@@ -341,7 +316,8 @@ def grafana_dashboard(backend: Backend = "transformers") -> dict[str, Any]:
                 "query": {"query": query, "refId": name}, "refresh": 2, "includeAll": True, "multi": True,
                 "allValue": ".*", "current": {"text": "All", "value": "$__all"}, "sort": 1}
 
-    default = ENGINE_PREFIX[backend]
+    default = get_backend(backend).metric_prefix
+    prefixes = [b.metric_prefix for b in all_backends()]
     return {
         "uid": DASHBOARD_UID,
         "title": "llmserve-nb",
@@ -356,9 +332,9 @@ def grafana_dashboard(backend: Backend = "transformers") -> dict[str, Any]:
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
              "current": {}, "hide": 0},
             {"name": "prefix", "label": "Engine metrics", "type": "custom",
-             "query": ",".join(ENGINE_PREFIX.values()),
+             "query": ",".join(prefixes),
              "current": {"text": default, "value": default},
-             "options": [{"text": v, "value": v, "selected": v == default} for v in ENGINE_PREFIX.values()]},
+             "options": [{"text": v, "value": v, "selected": v == default} for v in prefixes]},
             query_var("application", "Application", "label_values(ray_serve_deployment_replica_healthy, application)"),
             query_var("model_name", "Model", "label_values(${prefix}_num_requests_running, model_name)"),
         ]},
@@ -366,11 +342,11 @@ def grafana_dashboard(backend: Backend = "transformers") -> dict[str, Any]:
     }
 
 
-def dashboard_json(backend: Backend = "transformers") -> str:
+def dashboard_json(backend: str = "transformers") -> str:
     return json.dumps(grafana_dashboard(backend), indent=2) + "\n"
 
 
-def dashboard_configmap(spec: ClusterSpec, backend: Backend = "transformers") -> dict[str, Any]:
+def dashboard_configmap(spec: ClusterSpec, backend: str = "transformers") -> dict[str, Any]:
     """The dashboard for Grafana's sidecar (kube-prometheus-stack loads ConfigMaps labelled grafana_dashboard)."""
     return {
         "apiVersion": "v1",
@@ -387,7 +363,7 @@ def dashboard_configmap(spec: ClusterSpec, backend: Backend = "transformers") ->
 # ---- every expression, for a real Prometheus ----------------------------------------------------------
 def _substitute(expr: str, prefix: str, application: str, model_name: str, rate_window: str) -> str:
     return (
-        expr.replace("${prefix}", prefix)
+        expr.replace(_PREFIX_VAR, prefix)
         .replace("$application", application)
         .replace("$model_name", model_name)
         .replace("$__rate_interval", rate_window)
@@ -395,7 +371,7 @@ def _substitute(expr: str, prefix: str, application: str, model_name: str, rate_
 
 
 def all_promql_expressions(
-    backend: Backend | None = None,
+    backend: str | None = None,
     *,
     app: AppConfig | None = None,
     rate_window: str = "1m",
@@ -406,7 +382,7 @@ def all_promql_expressions(
 
     `app` is the application under test (default: the GPU profile, app `llm`): alerts are rendered for it,
     and `$application`/`$model_name` become its name and served model name. `backend` defaults to the app's
-    (`$prefix` becomes `ray_llmserve` or `ray_vllm`); panels for the other backend only are left out.
+    (`$prefix` becomes its `metric_prefix`); panels on metrics that backend does not export are left out.
     Alerts give their signal, which returns data whenever the app serves traffic, unless `with_thresholds`
     asks for the rule's full expr (empty until the alert fires). `rate_window` replaces `$__rate_interval`;
     Ray reports metrics every 10 s, so keep it at 30 s or more.
@@ -414,17 +390,15 @@ def all_promql_expressions(
     from llmserve_nb.k8s.render import hpa_objects
 
     app = app or profile("gpu")
-    backend = backend or app.engine.backend
-    if backend not in ENGINE_PREFIX:
-        raise ValueError(f"backend {backend!r}: expected one of {', '.join(ENGINE_PREFIX)}")
-    if app.engine.backend != backend:
-        app = app.model_copy(update={"engine": app.engine.model_copy(update={"backend": backend})})
+    chosen = get_backend(backend or app.engine.backend)
+    if app.engine.backend != chosen.name:
+        app = app.model_copy(update={"engine": app.engine.model_copy(update={"backend": chosen.name})})
     out: dict[str, str] = {}
     for panel in _engine_panels() + _serve_panels():
-        if backend in panel.backends:
+        if panel.serves(chosen):
             for expr, legend in panel.targets:
                 key = f"dashboard/{panel.title}/{legend}"
-                out[key] = _substitute(expr, ENGINE_PREFIX[backend], app.name, app.engine.model_name, rate_window)
+                out[key] = _substitute(expr, chosen.metric_prefix, app.name, app.engine.model_name, rate_window)
     for alert in alerts(app):
         out[f"alert/{alert.name}"] = alert.expr if with_thresholds else alert.signal
     adapter = hpa_objects(ClusterSpec())["optional/hpa/prometheus-adapter-values.yaml"][0]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Must equal serve_app.API_KEY_ENV (a test checks); not imported, so rendering does not load the serving stack.
-API_KEY_ENV = "LLMSERVE_NB_API_KEY"
+from llmserve_nb.config import API_KEY_ENV
+
 API_KEY_SECRET_KEY = "api-key"
 RAY_UID, RAY_GID = 1000, 100  # user "ray" and group "users" in the rayproject/ray images
 PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}

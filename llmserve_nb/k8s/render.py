@@ -1,7 +1,7 @@
 """The Ray side of `k8s/`: RayServices, RayClusters, their pods, the namespace, NetworkPolicy, CPU overlay, HPA.
 
-Every RayService `serveConfigV2` is the YAML of `AppConfig.to_serve_config()`, byte for byte the Serve config
-a notebook deploys.
+Every RayService `serveConfigV2` is the YAML of `llmserve_nb.backends.serve_config(app)`, byte for byte the
+Serve config a notebook deploys.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from llmserve_nb.backends import backend_for, serve_config
 from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig
 from llmserve_nb.k8s.options import (
     API_KEY_ENV,
@@ -23,11 +24,11 @@ from llmserve_nb.k8s.options import (
 )
 from llmserve_nb.k8s.profiles import profile
 from llmserve_nb.k8s.security import auth_options, token_env
-from llmserve_nb.backends.vllm.render import cluster_env
+
 
 def serve_config_yaml(app: AppConfig) -> str:
     """The RayService `serveConfigV2`: the YAML of the same Serve config a notebook deploys."""
-    return yaml.safe_dump(app.to_serve_config(), sort_keys=False)
+    return yaml.safe_dump(serve_config(app), sort_keys=False)
 
 
 def _pod_security() -> dict[str, Any]:
@@ -127,13 +128,13 @@ def rayservice_for(app: AppConfig, spec: ClusterSpec, name: str) -> dict[str, An
         "metadata": meta(name, spec, **{"app.kubernetes.io/instance": name}),
         "spec": {
             "serveConfigV2": serve_config_yaml(app),
-            "rayClusterConfig": _ray_cluster_spec(spec, name, cluster_env(app)),
+            "rayClusterConfig": _ray_cluster_spec(spec, name, backend_for(app).cluster_env(app)),
         },
     }
 
 
 def rayservice(app: AppConfig, spec: ClusterSpec | None = None, name: str | None = None) -> dict[str, Any]:
-    """A RayService serving any `AppConfig` (its serveConfigV2 is `app.to_serve_config()`).
+    """A RayService serving any `AppConfig` (its serveConfigV2 is `serve_config(app)`).
 
     Without `spec`, pods are sized for GPUs when the app asks for GPUs, else as the CPU overlay.
     """

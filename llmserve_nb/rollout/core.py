@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
-from llmserve_nb.cluster import CONNECT_TIMEOUT_S, AppHandle, Cluster, ClusterError, DeployError
+from llmserve_nb.cluster import CONNECT_TIMEOUT_S, AppHandle, Cluster, ClusterError
+from llmserve_nb.cluster.status import NOT_DEPLOYED, AppStatus, parse_serve_details
 from llmserve_nb.config import AppConfig
 from llmserve_nb.rollout.routing import (
     ROUTER_DEPLOYMENT,
@@ -138,12 +139,13 @@ class Rollout:
             }],
         }
 
-    def _deployed_router_config(self, details: dict[str, Any] | None = None) -> RouterConfig | None:
-        details = details if details is not None else self.cluster.serve_details()
-        app = (details.get("applications") or {}).get(self.name)
-        if not app:
+    def _deployed_router_config(self, apps: dict[str, AppStatus] | None = None) -> RouterConfig | None:
+        """The weights Serve was last given for the router (its deployed config), None without a router."""
+        apps = apps if apps is not None else self.cluster.app_statuses()
+        app = apps.get(self.name)
+        if app is None:
             return None
-        for dep in (app.get("deployed_app_config") or {}).get("deployments") or []:
+        for dep in app.deployed_config.get("deployments") or []:
             if dep.get("name") == ROUTER_DEPLOYMENT and dep.get("user_config"):
                 return RouterConfig.model_validate(dep["user_config"])
         return None
@@ -158,12 +160,13 @@ class Rollout:
     def _apply(self, versions: list[Version], action: str) -> RouterConfig:
         """Send the router its new user_config and return once the router answers with it."""
         details = self.cluster.serve_details()
-        current = self._deployed_router_config(details)
+        apps = parse_serve_details(details)
+        current = self._deployed_router_config(apps)
         epoch = max(current.epoch if current else 0, self._config.epoch if self._config else 0) + 1
         config = RouterConfig(epoch=epoch, versions=versions, upstream=self._upstream(details),
                               sticky_header=self.sticky_header.lower(), request_timeout_s=self.request_timeout_s)
-        for other, app in (details.get("applications") or {}).items():
-            if other != self.name and app.get("route_prefix") == self.route_prefix:
+        for other, app in apps.items():
+            if other != self.name and app.route_prefix == self.route_prefix:
                 raise RolloutError(f"the public route {self.route_prefix!r} is taken by application {other!r}; "
                                    "pick another route_prefix for the rollout")
         self.cluster.deploy_application(self._app_entry(config))  # cluster.shutdown() removes the router too
@@ -179,13 +182,13 @@ class Rollout:
         deadline = time.monotonic() + self.apply_timeout_s
         last = ""
         while True:
-            app = (self.cluster.serve_details().get("applications") or {}).get(self.name) or {}
-            dep = (app.get("deployments") or {}).get(ROUTER_DEPLOYMENT) or {}
-            live = (dep.get("deployment_config") or {}).get("user_config") or {}
-            last = f"{app.get('status')}/{dep.get('status')} epoch {live.get('epoch')}: {app.get('message', '')[:500]}"
-            if app.get("status") == "DEPLOY_FAILED":
+            app = self.cluster.app_status(self.name) or AppStatus(self.name, status=NOT_DEPLOYED)
+            dep = app.deployment(ROUTER_DEPLOYMENT)
+            live = dep.user_config or {}
+            last = f"{app.status}/{dep.status} epoch {live.get('epoch')}: {app.message[:500]}"
+            if app.status == "DEPLOY_FAILED":
                 raise RolloutError(f"the rollout router {self.name!r} failed to deploy: {last}")
-            if app.get("status") == "RUNNING" and dep.get("status") == "HEALTHY" and live.get("epoch") == config.epoch:
+            if app.status == "RUNNING" and dep.status == "HEALTHY" and live.get("epoch") == config.epoch:
                 seen = self._router_epochs(tries=3 * self.router_replicas)
                 if seen and min(seen) >= config.epoch:
                     return
@@ -362,9 +365,8 @@ class Rollout:
 
     def status(self) -> dict[str, Any]:
         """Public URL, weights and per version: role, route, Serve status, running replicas, router counts."""
-        details = self.cluster.serve_details()
-        apps = details.get("applications") or {}
-        config = self._deployed_router_config(details)
+        apps = self.cluster.app_statuses()
+        config = self._deployed_router_config(apps)
         try:
             routed = self.router_status()["versions"]
         except ClusterError:
@@ -373,13 +375,12 @@ class Rollout:
         for role, app in (("stable", self.stable), ("canary", self.canary)):
             if app is None:
                 continue
-            a = apps.get(app.name) or {}
-            replicas = [r for d in (a.get("deployments") or {}).values() for r in d.get("replicas") or []]
+            a = apps.get(app.name) or AppStatus(app.name, status=NOT_DEPLOYED)
             versions[app.name] = {
                 "role": role, "route_prefix": app.route_prefix,
                 "weight": (config.weights() if config else {}).get(app.name, 0.0),
-                "app_status": a.get("status", "NOT_DEPLOYED"),
-                "running_replicas": sum(r.get("state") == "RUNNING" for r in replicas),
+                "app_status": a.status,
+                "running_replicas": a.running_replicas,
                 **{k: routed.get(app.name, {}).get(k) for k in ("requests", "in_flight", "errors_5xx", "ttfb_ms_p50")},
             }
         return {"public_url": self.base_url, "router": self.name, "epoch": config.epoch if config else None,

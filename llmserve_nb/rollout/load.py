@@ -12,14 +12,15 @@ import asyncio
 import json
 import math
 import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
 
-from llmserve_nb.bench import Workload
+from llmserve_nb.bench import Event, Timeline, Workload, run_observed
+from llmserve_nb.bench.client import sse_objects
 from llmserve_nb.rollout.routing import EPOCH_HEADER, SERVED_BY_HEADER
+from llmserve_nb.stats import percentile
 
 
 @dataclass
@@ -36,21 +37,6 @@ class Sample:
     error: str = ""
 
 
-@dataclass
-class Marker:
-    t_s: float
-    label: str
-
-
-def _pct(values: list[float], q: float) -> float:
-    vals = sorted(v for v in values if not math.isnan(v))
-    if not vals:
-        return math.nan
-    k = (len(vals) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
-
-
 class TrafficLoad:
     """`concurrency` users in a closed loop against `url` (the public route), in a background thread.
 
@@ -58,11 +44,14 @@ class TrafficLoad:
     each session sends several requests over the run. Use as a context manager or `start()`/`stop()`;
     `mark(label)` records a point in time (e.g. each weight change) that `phases()` splits on.
     The run stops at `stop()`, after `max_requests`, or after `max_duration_s`, whichever comes first.
+
+    The load runs under `llmserve_nb.bench.run_observed`: `timeline` holds the marks as events and the
+    count of completed requests every `sample_every_s`, on the clock of the samples' `start_s`.
     """
 
     def __init__(self, url: str, workload: Workload | None = None, *, concurrency: int = 4, sessions: int = 16,
                  header: str = "X-Session-Id", api_key: str | None = None, max_requests: int = 100_000,
-                 max_duration_s: float = 3600.0, session_prefix: str = "s"):
+                 max_duration_s: float = 3600.0, session_prefix: str = "s", sample_every_s: float = 0.25):
         self.url = url.rstrip("/")
         self.workload = workload or Workload(num_requests=64, output_tokens=16)
         self.concurrency = concurrency
@@ -71,41 +60,45 @@ class TrafficLoad:
         self.api_key = api_key
         self.max_requests = max_requests
         self.max_duration_s = max_duration_s
+        self.sample_every_s = sample_every_s
         self.samples: list[Sample] = []
-        self.markers: list[Marker] = []
+        self.timeline: Timeline[None] = Timeline()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._t0 = 0.0
         self._error: BaseException | None = None
 
     # ---- control ---------------------------------------------------------------------------
     def start(self) -> TrafficLoad:
         if self._thread is not None:
             raise RuntimeError("this load already ran; make a new TrafficLoad")
-        self._t0 = time.perf_counter()
+        self.timeline = Timeline()
         self.mark("start")
         self._thread = threading.Thread(target=self._main, name="rollout-load", daemon=True)
         self._thread.start()
         return self
 
     def now(self) -> float:
-        return time.perf_counter() - self._t0
+        return self.timeline.now()
 
     def mark(self, label: str) -> None:
-        self.markers.append(Marker(self.now(), label))
+        self.timeline.mark(label)
+
+    @property
+    def markers(self) -> list[Event]:
+        """The marks so far (`name` is the label), oldest first."""
+        return list(self.timeline.events)
 
     def completed(self) -> int:
         return sum(s.status == "ok" for s in self.samples)
 
     def wait_completed(self, n: int, timeout_s: float = 300.0) -> None:
-        """Block until `n` requests completed (e.g. a baseline before the first shift)."""
-        deadline = time.monotonic() + timeout_s
-        while self.completed() < n:
-            if self._error is not None or (self._thread is not None and not self._thread.is_alive()):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {self.completed()} of {n} requests completed within {timeout_s:.0f}s")
-            time.sleep(0.2)
+        """Block until `n` requests completed (e.g. a baseline before the first shift), or the load ended."""
+        try:
+            self.timeline.wait_for("completed", lambda done: done >= n, timeout_s=timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"only {self.completed()} of {n} requests completed within {timeout_s:.0f}s") from None
+        except LookupError:
+            pass  # the load ended (or crashed: stop() says why) before n completed
 
     def stop(self, timeout_s: float = 300.0) -> list[Sample]:
         """Stop sending; requests in flight finish (each bounded by the workload's timeout_s)."""
@@ -129,7 +122,8 @@ class TrafficLoad:
     # ---- the loop --------------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            asyncio.run(self._run())
+            run_observed(lambda: asyncio.run(self._run()), {"completed": self.completed},
+                         every_s=self.sample_every_s, timeline=self.timeline)
         except BaseException as e:  # surfaced by stop()
             self._error = e
 
@@ -138,7 +132,6 @@ class TrafficLoad:
         items = wl.items()
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         counter = iter(range(self.max_requests))
-        deadline = self._t0 + self.max_duration_s
         async with httpx.AsyncClient(
             base_url=self.url, headers=headers, trust_env=False,
             timeout=httpx.Timeout(wl.timeout_s, connect=min(10.0, wl.timeout_s)),
@@ -147,7 +140,7 @@ class TrafficLoad:
 
             async def user() -> None:
                 for i in counter:
-                    if self._stop.is_set() or time.perf_counter() >= deadline:
+                    if self._stop.is_set() or self.now() >= self.max_duration_s:
                         return
                     prompt, _, n_out = items[i % len(items)]
                     s = Sample(index=i, session=self.session_ids[i % len(self.session_ids)], start_s=self.now())
@@ -176,23 +169,11 @@ class TrafficLoad:
                     raise RuntimeError(f"error in a 200 answer: {data['error']}")
                 s.ttft_s = self.now() - s.start_s
                 return
-            done = False
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                obj = json.loads(payload)
-                if "error" in obj:
-                    raise RuntimeError(f"error event in the stream: {obj['error']}")
+            async for obj in sse_objects(r):
                 choices = obj.get("choices") or []
                 text = choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
                 if text and math.isnan(s.ttft_s):
                     s.ttft_s = self.now() - s.start_s
-            if not done:
-                raise RuntimeError("the stream ended without [DONE]")
 
     # ---- analysis --------------------------------------------------------------------------
     def finished(self) -> list[Sample]:
@@ -201,7 +182,7 @@ class TrafficLoad:
     def phases(self, labels: dict[str, tuple[str, str | None]]) -> dict[str, dict[str, Any]]:
         """Figures per phase; `labels` maps a phase name to (first marker, end marker or None = the end).
         A request belongs to the phase in which it started."""
-        at = {m.label: m.t_s for m in self.markers}
+        at = {m.name: m.t_s for m in self.markers}
         out = {}
         for phase, (a, b) in labels.items():
             t_a, t_b = at.get(a, math.inf), at.get(b, math.inf) if b else math.inf
@@ -226,14 +207,14 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
     by_version: dict[str, int] = {}
     for s in ok:
         by_version[s.version or "?"] = by_version.get(s.version or "?", 0) + 1
-    ttft = [s.ttft_s * 1000 for s in ok]
+    ttft = [s.ttft_s * 1000 for s in ok if not math.isnan(s.ttft_s)]
     e2e = [(s.end_s - s.start_s) * 1000 for s in ok]
     errors = [s for s in samples if s.status == "error"]
     return {
         "requests": len(samples), "completed": len(ok), "failed": len(errors),
         "by_version": by_version,
-        "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p99": _pct(ttft, 99),
-        "e2e_ms_p50": _pct(e2e, 50), "e2e_ms_p99": _pct(e2e, 99),
+        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+        "e2e_ms_p50": percentile(e2e, 50), "e2e_ms_p99": percentile(e2e, 99),
         "error_example": errors[0].error if errors else "",
     }
 
@@ -259,11 +240,11 @@ def share_over_time(samples: list[Sample], bin_s: float = 2.0) -> list[dict[str,
     return [{"t_s": b * bin_s, **counts} for b, counts in sorted(rows.items())]
 
 
-def _configured_split(markers: list[Marker]) -> list[tuple[float, float]]:
+def _configured_split(markers: list[Event]) -> list[tuple[float, float]]:
     """(time, canary percent) from the markers a Rollout left (`on_change=load.mark`): "50%", "promoted"..."""
     points = []
     for m in markers:
-        label = m.label.split(":")[0].strip()
+        label = m.name.split(":")[0].strip()
         if label.endswith("%") and label[:-1].replace(".", "", 1).isdigit():
             points.append((m.t_s, float(label[:-1])))
         elif label == "promoted":
@@ -292,7 +273,7 @@ def plot_traffic_share(load: TrafficLoad, bin_s: float = 2.0, ax=None, versions:
         bottom = [b + v for b, v in zip(bottom, share)]
     split = _configured_split(load.markers)
     if split and len(names) == 2:
-        end = max([load.now() if load._thread else 0.0] + [m.t_s for m in load.markers])
+        end = max([load.timeline.duration_s if load.timeline.ended else load.now()] + [m.t_s for m in load.markers])
         xs = [0.0] + [p[0] for p in split] + [end]
         ys = [100.0] + [100.0 - p[1] for p in split] + [100.0 - split[-1][1]]
         ax.step(xs, ys, where="post", color="k", lw=1.5, label="configured split")
@@ -307,5 +288,5 @@ def plot_traffic_share(load: TrafficLoad, bin_s: float = 2.0, ax=None, versions:
     return ax
 
 
-__all__ = ["Marker", "Sample", "TrafficLoad", "plot_traffic_share", "share_over_time", "stickiness_violations",
+__all__ = ["Sample", "TrafficLoad", "plot_traffic_share", "share_over_time", "stickiness_violations",
            "summarize"]

@@ -38,6 +38,7 @@ from llmserve_nb.rollout.routing import (
     RouterConfig,
     pick_version,
 )
+from llmserve_nb.stats import percentile
 
 log = logging.getLogger("ray.serve")
 
@@ -63,10 +64,8 @@ class _VersionStats:
         self.ttfb_s: collections.deque[float] = collections.deque(maxlen=2000)
 
     def as_dict(self) -> dict[str, Any]:
-        ttfb = sorted(self.ttfb_s)
-
         def pct(q: float) -> float | None:
-            return round(ttfb[min(len(ttfb) - 1, int(q / 100 * len(ttfb)))] * 1000, 2) if ttfb else None
+            return round(percentile(self.ttfb_s, q) * 1000, 2) if self.ttfb_s else None
 
         return {"requests": self.requests, "in_flight": self.in_flight, "statuses": dict(self.statuses),
                 "errors_5xx": sum(n for s, n in self.statuses.items() if s.startswith("5")),

@@ -2,8 +2,8 @@
 
 One entry point, `build_app(args)`, is used by the Python deploy, `serve run`, the Serve REST API
 and a RayService `serveConfigV2` alike. The deployment speaks HTTP (`openai_api` holds the wire
-format) and drives the engine only through its protocol (`engine.protocol`): prepare, submit,
-stream, abort, check_health, stats.
+format) and drives the engine only through its protocol (`engine.protocol.Engine`, made by
+`engine.create_engine`): prepare, submit, stream, abort, configure, check_health, stats, info, close.
 
 Batching has two levels: `@serve.batch` forms admission groups (prefilled together; its
 `max_batch_size` / `batch_wait_timeout_s` are the live `user_config`), and the engine merges each
@@ -24,17 +24,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from llmserve_nb.server.autoscaling_policy import PRESSURE_METRIC
-from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, BatchingConfig, nest_dotted
-from llmserve_nb.engine import (
+from llmserve_nb.config import API_KEY_ENV, DEPLOYMENT_NAME, AppConfig, BatchingConfig, nest_dotted
+from llmserve_nb.engine import create_engine
+from llmserve_nb.engine.protocol import (
+    Engine,
     EngineDeadError,
     GenerationRequest,
     GenerationResult,
     PreparedRequest,
     RequestOutput,
     RequestStream,
-    TransformersEngine,
 )
+from llmserve_nb.server.autoscaling_policy import PRESSURE_METRIC
 from llmserve_nb.server.metrics import RequestRecord, ServerMetrics
 from llmserve_nb.server.openai_api import (
     CHAT_COMPLETION_MODEL,
@@ -51,12 +52,11 @@ from llmserve_nb.server.openai_api import (
     install_error_handling,
     sse_events,
 )
+from llmserve_nb.stats import percentile
 
-__all__ = ["API_KEY_ENV", "LLMServer", "build_app"]
+__all__ = ["LLMServer", "build_app"]
 
 log = logging.getLogger("ray.serve")
-
-API_KEY_ENV = "LLMSERVE_NB_API_KEY"
 
 api = FastAPI(
     title="llmserve-nb",
@@ -86,6 +86,10 @@ async def _deadline(stream: RequestStream, timeout_s: float | None, request_id: 
         yield out
 
 
+def _engine_gone(error: EngineDeadError) -> OpenAIError:
+    return OpenAIError(503, f"the engine is not running, the replica is being replaced: {error}", type_="server_error")
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class LLMServer:
@@ -93,7 +97,7 @@ class LLMServer:
 
     def __init__(self, config: dict[str, Any]):
         self.config = AppConfig.from_args(config)
-        self.engine = TransformersEngine(self.config.engine)
+        self.engine: Engine = create_engine(self.config.engine)
         # Prometheus metrics (vLLM's names) and this replica's /stats, from the same records.
         self.metrics = ServerMetrics(self.engine.model_name, engine_stats=self.engine.stats)
         self._records: dict[str, RequestRecord] = {}
@@ -111,8 +115,17 @@ class LLMServer:
         self._admit.set_max_batch_size(batching.max_batch_size)
         self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         # max_batch_size=1 means batching off altogether: one sequence decoding at a time.
-        self.engine.max_num_seqs = 1 if batching.max_batch_size == 1 else self.config.engine.max_num_seqs
+        self.engine.configure(max_num_seqs=1 if batching.max_batch_size == 1 else self.config.engine.max_num_seqs)
         self.batching = batching
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica, after in-flight requests drained (or the graceful
+        # shutdown timed out): the decode loop stops and whatever is still in flight fails fast. The
+        # guard is for a constructor that failed before the engine existed.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+            log.info("replica stopping: the engine is closed")
 
     async def check_health(self) -> None:
         """Serve's periodic health check: fails when the engine's decode loop has died, so Serve
@@ -127,16 +140,15 @@ class LLMServer:
         now = time.monotonic()
         while self._recent_ttft and now - self._recent_ttft[0][0] > 30.0:
             self._recent_ttft.popleft()
-        ttfts = sorted(t for _, t in self._recent_ttft)
-        ttft_p90 = ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else 0.0
+        ttft_p90 = percentile([t for _, t in self._recent_ttft], 90) if self._recent_ttft else 0.0
         targets = self.autoscaling_targets
         pressure = max(self.metrics.waiting / targets["waiting_requests"], ttft_p90 / targets["ttft_s"])
         return {PRESSURE_METRIC: pressure}
 
-    @staticmethod
-    def _max_ongoing_requests() -> int:
-        # What Serve enforces for this replica now (deployment options, updated in place).
-        return serve.get_replica_context()._deployment_config.max_ongoing_requests
+    def inject_engine_fault(self, message: str) -> None:
+        """Fault injection for the reliability experiments (called in the replica through Serve's
+        replica context): the engine's decode loop dies, as a bug in it would."""
+        self.engine.inject_fault(message)
 
     # Admission groups: requests that arrive together are prefilled together. The batch returns as
     # soon as its requests are submitted; each request then follows its own stream.
@@ -169,6 +181,8 @@ class LLMServer:
             return await self.engine.prepare(req)
         except ValueError as e:
             raise OpenAIError(400, str(e), "prompt") from None
+        except EngineDeadError as e:
+            raise _engine_gone(e) from None
 
     async def _outputs(self, prepared: PreparedRequest, rec: RequestRecord, streamed: bool = False,
                        ) -> AsyncIterator[RequestOutput]:
@@ -191,8 +205,7 @@ class LLMServer:
                     rec.finish(200, r.finish_reason, r.prompt_tokens, r.completion_tokens)
                 yield out
         except EngineDeadError as e:
-            err = OpenAIError(503, f"the engine is not running, the replica is being replaced: {e}",
-                              type_="server_error")
+            err = _engine_gone(e)
             rec.finish(err.status, "error")
             raise err from None
         except OpenAIError as e:
@@ -297,8 +310,7 @@ class LLMServer:
             "replica": self.replica_id,
             "model": self.engine.model_name,
             "batching": self.batching.model_dump(),
-            "max_ongoing_requests": self._max_ongoing_requests(),
-            "engine": self.engine.load_timings,
+            "engine": self.engine.info(),
             **self.engine.stats(),
             **self.metrics.as_stats(),
             # Requests that arrived and are not finished, as the Prometheus gauges read them.

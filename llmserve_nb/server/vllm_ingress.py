@@ -6,7 +6,7 @@ point for the ingress; Ray builds the FastAPI routes from it exactly as for its 
 Ray's class name, so the deployment is still called `OpenAiIngress` (Ray's dashboards and the
 `deployments:` overrides rely on that name).
 
-- The key comes from `LLMSERVE_NB_API_KEY` in the replica's environment (the application's
+- The key comes from `config.API_KEY_ENV` in the replica's environment (the application's
   `runtime_env.env_vars`, as for the transformers app). Unset or empty: no key is required.
 - Every request needs `Authorization: Bearer <key>`, checked before the body is parsed; otherwise a 401
   with an OpenAI-shaped JSON error whose message contains "invalid or missing API key". `/health`,
@@ -38,9 +38,10 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.serve.llm.ingress import OpenAiIngress as _RayOpenAiIngress
 
-__all__ = ["API_KEY_ENV", "AUTH_ERROR", "OPEN_PATHS", "OpenAiIngress"]
+from llmserve_nb.config import API_KEY_ENV
 
-API_KEY_ENV = "LLMSERVE_NB_API_KEY"  # the same variable the transformers app reads (serve_app.API_KEY_ENV)
+__all__ = ["AUTH_ERROR", "OPEN_PATHS", "OpenAiIngress"]
+
 AUTH_ERROR = "invalid or missing API key (send 'Authorization: Bearer <key>')"
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 

