@@ -25,7 +25,7 @@ from typing import Iterator
 import httpx
 
 from llmserve_nb.cluster import ClusterError
-from llmserve_nb.cluster.ports import free_port, free_ports
+from llmserve_nb.cluster.ports import LocalRayAddresses, free_port, free_ports
 from llmserve_nb.experiments.cluster_autoscaling import stop_processes
 
 HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
@@ -38,24 +38,12 @@ class RayClusterError(RuntimeError):
 
 
 @dataclass
-class RayTestCluster:
+class RayTestCluster(LocalRayAddresses):
     temp_dir: Path
     token: str
     ports: dict[str, int]
     head_node_id: str = ""
     worker_node_id: str = ""
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['dashboard']}"
-
-    @property
-    def serve_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['serve']}"
-
-    @property
-    def gcs_address(self) -> str:
-        return f"127.0.0.1:{self.ports['gcs']}"
 
 
 def _pick_ports(preferred: dict[str, int]) -> dict[str, int]:

@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from asgi_server import serving
 from llmserve_nb import bench
 from llmserve_nb.bench import Action, BenchRun, Event, RequestResult, Timeline, Workload, run_observed
 from llmserve_nb.cluster.ports import free_port
@@ -97,19 +97,9 @@ class FakeOpenAI:
 @pytest.fixture(scope="module")
 def fake():
     srv = FakeOpenAI()
-    server = uvicorn.Server(uvicorn.Config(srv.app, host="127.0.0.1", port=0, log_level="error", lifespan="off",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    srv.url = f"http://127.0.0.1:{port}"
-    yield srv
-    server.should_exit = True
-    thread.join(5)
+    with serving(srv.app, timeout_graceful_shutdown=1) as url:
+        srv.url = url
+        yield srv
 
 
 def run(url, **kw):

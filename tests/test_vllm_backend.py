@@ -16,7 +16,6 @@ import os
 import secrets
 import subprocess
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,13 +24,13 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-import uvicorn
 from ray.serve.schema import ServeDeploySchema
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from asgi_server import serving
 from llmserve_nb.backends import application, config_of_application, get_backend, serve_config
 from llmserve_nb.backends.vllm import batch
 from llmserve_nb.backends.vllm import render as vllm_app
@@ -262,17 +261,9 @@ class FakeVllmApp:
 @pytest.fixture
 def fake_vllm():
     fake = FakeVllmApp(hold_s=2.0)
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=0, log_level="error", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.02)
-    fake.url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    yield fake
-    server.should_exit = True
-    thread.join(5)
+    with serving(fake.app) as url:
+        fake.url = url
+        yield fake
 
 
 def _handle(fake: FakeVllmApp, metrics_urls: list[str]) -> SimpleNamespace:

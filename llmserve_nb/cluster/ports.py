@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 from contextlib import ExitStack
 
-__all__ = ["free_port", "free_ports"]
+__all__ = ["LocalRayAddresses", "free_port", "free_ports"]
 
 
 def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
@@ -29,3 +29,21 @@ def free_ports(names: list[str], host: str = "0.0.0.0") -> dict[str, int]:
             s.bind((host, 0))
             ports[name] = s.getsockname()[1]
         return ports
+
+
+class LocalRayAddresses:
+    """The addresses of a Ray head started on this machine, from its `ports` ("dashboard", "serve", "gcs")."""
+
+    ports: dict[str, int]
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard']}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['serve']}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.ports['gcs']}"

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from llmserve_nb.cluster import Cluster, ClusterError, connect
-from llmserve_nb.cluster.ports import free_ports
+from llmserve_nb.cluster.ports import LocalRayAddresses, free_ports
 from llmserve_nb.experiments.cluster_autoscaling.config import (
     HEAD_NODE_TYPE,
     OBJECT_STORE_BYTES,
@@ -90,7 +90,7 @@ def stop_processes(temp_dir: str | Path, grace_s: float = 5.0) -> None:
         raise ClusterError(f"processes of the cluster in {temp_dir} survived SIGKILL: {[p.pid for p in survivors]}")
 
 
-class LocalAutoscalingCluster:
+class LocalAutoscalingCluster(LocalRayAddresses):
     """A Ray head with the autoscaler and the fake multi-node provider, on private ports and temp dir.
 
     `start()` brings the head up (its dashboard at `.address`, Serve at `.serve_url`); worker nodes
@@ -120,15 +120,7 @@ class LocalAutoscalingCluster:
     @property
     def address(self) -> str:
         """The head's dashboard: what `llmserve_nb.connect(address=...)` takes."""
-        return f"http://127.0.0.1:{self.ports['dashboard']}"
-
-    @property
-    def serve_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['serve']}"
-
-    @property
-    def gcs_address(self) -> str:
-        return f"127.0.0.1:{self.ports['gcs']}"
+        return self.dashboard_url
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> LocalAutoscalingCluster:
