@@ -175,9 +175,9 @@ def wait_running(app, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         st = app.status()
-        if st["status"] in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"{st['status']}: {app._serve_message(st)}")
-        if st["status"] == "RUNNING":
+        if st.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"{st.status}: {st.serve_messages()}")
+        if st.status == "RUNNING":
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{app.base_url}/health", timeout=5).status_code == 200:
                     return

@@ -162,8 +162,7 @@ def test_deleting_the_last_app_keeps_serve_up_for_the_next_deploy():
             apps.clear()
         return httpx.Response(200, json={"applications": apps, "http_options": {"host": "127.0.0.1", "port": 8000}})
 
-    cluster = Cluster("http://dash", "http://serve", kind="address", how="test")
-    cluster._http = httpx.Client(base_url="http://dash", transport=httpx.MockTransport(handler))
+    cluster = Cluster("http://dash", "http://serve", kind="address", how="test", transport=httpx.MockTransport(handler))
     cluster.delete("only", timeout_s=5)
     assert "DELETE" not in sent, sent
     assert "PUT" in sent

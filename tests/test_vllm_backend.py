@@ -487,7 +487,7 @@ class TestRayServeLLMOnCPU:
         t.apply()
         assert time.monotonic() - t0 < 90, "switching to autoscaling should update in place"
         assert "applied" in t.status.value and t.replica_ids() == before
-        auto = app.status()["deployed_app_config"]["deployments"][0]["autoscaling_config"]
+        auto = app.status().deployed_config["deployments"][0]["autoscaling_config"]
         assert auto["target_ongoing_requests"] == 3.0 and auto["max_replicas"] == 1
         # Autoscaling -> autoscaling (what notebook 02's sliders change): in place, the replica stays.
         before = t.replica_ids()
@@ -496,7 +496,7 @@ class TestRayServeLLMOnCPU:
         t.apply()
         assert time.monotonic() - t0 < 90, "an autoscaling change should update in place"
         assert t.replica_ids() == before
-        auto = app.status()["deployed_app_config"]["deployments"][0]["autoscaling_config"]
+        auto = app.status().deployed_config["deployments"][0]["autoscaling_config"]
         assert auto["target_ongoing_requests"] == 5.0 and auto["max_replicas"] == 2
 
 
