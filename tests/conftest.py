@@ -7,17 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from system_deps import require_chromium, require_crds, require_kubectl, require_promtool, require_vllm_venv
+from system_deps import (
+    SHARED_CRDS,
+    require_chromium,
+    require_crds,
+    require_kubectl,
+    require_promtool,
+    require_vllm_venv,
+)
 
 API_KEY = "test-key-123"
 
 # Ray's dashboard gets 60 s to come up by default; on a loaded 2-core CI machine that is not always enough.
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
+# The package has no default CRD folder; the tests (and the notebooks they run, which inherit it) use ../shared.
+os.environ.setdefault("LLMSERVE_NB_CRDS", os.pathsep.join(map(str, SHARED_CRDS)))
 
 
 @pytest.fixture(scope="session")
-def crds() -> Path:
-    """The KubeRay CRD folder (../shared/kuberay/crds or $LLMSERVE_NB_CRDS), the other families found too."""
+def crds() -> list[Path]:
+    """The CRD folders ($LLMSERVE_NB_CRDS, by default ../shared/*/crds), every kind k8s/ holds found in them."""
     return require_crds()
 
 

@@ -34,14 +34,6 @@ def require_executable(name: str, fix: str) -> str:
     return found
 
 
-def require_dir(path: Path, expected: tuple[str, ...], fix: str) -> Path:
-    """`path`, holding every file named in `expected`, else `missing`."""
-    absent = [name for name in expected if not (path / name).is_file()]
-    if absent:
-        missing(f"{path} lacks {', '.join(absent)}", fix)
-    return path
-
-
 def require_chromium() -> str:
     return require_executable("chromium", f"Install it: apt-get install chromium, or {SYSTEM_DEPS}")
 
@@ -61,24 +53,28 @@ def require_kubectl() -> str:
     return require_executable("kubectl", f"Put kubectl >= 1.21 on PATH, or run {SYSTEM_DEPS}")
 
 
-def require_crds() -> Path:
-    """The KubeRay CRD folder, once the Gateway API and Prometheus Operator ones are found too."""
-    from llmserve_nb import k8s
-    from llmserve_nb.k8s.validate import GATEWAY_CRD_ENV, PROMETHEUS_CRD_ENV
+# The tests' CRDs (the package has no default folder): KubeRay v1.7, Gateway API v1.4, Prometheus Operator v0.93.
+SHARED_CRDS = tuple(Path(__file__).resolve().parents[2] / "shared" / f / "crds"
+                    for f in ("kuberay", "gateway-api", "prometheus-operator"))
 
-    # The kinds k8s/ holds, per family.
-    families = {
-        "kuberay": (k8s.CRD_ENV, ("ray.io_rayservices.yaml", "ray.io_rayclusters.yaml")),
-        "gateway-api": (GATEWAY_CRD_ENV, ("gateway.networking.k8s.io_gateways.yaml",
-                                          "gateway.networking.k8s.io_httproutes.yaml")),
-        "prometheus-operator": (PROMETHEUS_CRD_ENV, ("monitoring.coreos.com_podmonitors.yaml",
-                                                     "monitoring.coreos.com_prometheusrules.yaml")),
-    }
-    for family, (env, files) in families.items():
-        require_dir(k8s.crd_dir(None, family), files, (
-            f"They come in ../shared/{family}/crds beside the repo; elsewhere set {env}=DIR holding those files "
-            f"(`kubectl get crd <plural>.<group> -o yaml > DIR/<group>_<plural>.yaml`)"))
-    return k8s.crd_dir()
+
+def require_crds() -> list[Path]:
+    """The CRD folders ($LLMSERVE_NB_CRDS; conftest defaults it to SHARED_CRDS), once every kind k8s/ holds is
+    found in them."""
+    from llmserve_nb import k8s
+
+    folders = [Path(p) for p in os.environ.get(k8s.CRD_ENV, "").split(os.pathsep) if p]
+    kinds = [("ray.io", "RayService"), ("ray.io", "RayCluster"), ("gateway.networking.k8s.io", "Gateway"),
+             ("gateway.networking.k8s.io", "HTTPRoute"), ("monitoring.coreos.com", "PodMonitor"),
+             ("monitoring.coreos.com", "PrometheusRule")]
+    try:
+        source = k8s.crd_source(folders or None)
+        for group, kind in kinds:
+            source.crd(group, kind)
+    except k8s.ManifestError as e:
+        missing(str(e), f"They come in ../shared/*/crds beside the repo; elsewhere set {k8s.CRD_ENV}="
+                        f"DIR[{os.pathsep}DIR...] holding them (`kubectl get crd <plural>.<group> -o yaml > DIR/x.yaml`)")
+    return folders
 
 
 def require_vllm_venv() -> Path:

@@ -1,8 +1,9 @@
 """The client side of llmserve_nb.cluster: connect targets, tokens, timeouts, errors, shutdown, update detection.
 
 Most tests here run against FAKES on localhost, not Ray: `FakeDashboard` answers the few Ray dashboard
-REST routes the client uses (`/api/version`, `/api/serve/applications/` GET/PUT/DELETE) with a tiny
-in-memory Serve state, and `FakeApp` plays the Serve proxy of one app (answering, hanging, or 503).
+REST routes the client uses (`/api/version`, `/api/serve/applications/` GET/PUT/DELETE, `/api/packages/gcs/`
+GET/PUT) with a tiny in-memory Serve state and package store, and `FakeApp` plays the Serve proxy of one
+app (answering, hanging, or 503).
 Where a test only needs set answers, `httpx.MockTransport` stands in for both, passed as `transport=`.
 They pin the client's behaviour where real Ray cannot be made to misbehave on demand. The tests marked
 `ray` at the end run on the real embedded Ray of the test session.
@@ -34,7 +35,8 @@ class _Server:
         class Handler(BaseHTTPRequestHandler):
             def _any(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw and "json" in (self.headers.get("content-type") or "") else raw or None
                 outer.requests.append((self.command, self.path, dict(self.headers), body))
                 status, payload = outer.handle(self.command, self.path, self.headers, body)
                 data = json.dumps(payload).encode()
@@ -77,6 +79,7 @@ class FakeDashboard(_Server):
         self.ray_version = ray_version or ray.__version__
         self.token = token
         self.apps: dict[str, dict[str, Any]] = {}
+        self.packages: dict[str, bytes] = {}  # what PUT /api/packages/gcs/<name> stored
         self.put_status, self.put_message, self.apply_delay_s = "RUNNING", "", 0.0
         self._pending: list[tuple[float, dict[str, Any]]] = []
         super().__init__()
@@ -95,6 +98,12 @@ class FakeDashboard(_Server):
             return 401, {"error": "unauthenticated"}
         if path == "/api/version":
             return 200, {"ray_version": self.ray_version, "version": "4"}
+        if path.startswith("/api/packages/gcs/"):
+            name = path.removeprefix("/api/packages/gcs/")
+            if method == "PUT":
+                self.packages[name] = body
+                return 200, {}
+            return (200, {}) if name in self.packages else (404, {"error": f"Package gcs://{name} does not exist"})
         if path != "/api/serve/applications/":
             return 404, {"error": path}
         now = time.monotonic()
@@ -321,9 +330,10 @@ def test_close_keeps_every_app_and_stops_what_the_cluster_started(dashboard, fak
     closed: list[str] = []
     cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test", on_close=lambda: closed.append("x"))
     cluster.deploy(_ours("mine", "/mine"), progress=None)
+    sent = len(dashboard.requests)
     cluster.close()
     assert set(dashboard.apps) == {"mine"} and closed == ["x"]
-    assert [r[0] for r in dashboard.requests].count("PUT") == 1  # the deploy; close() sent nothing
+    assert len(dashboard.requests) == sent
 
 
 def test_an_app_a_rayservice_owns_is_never_deleted(dashboard, fake_app):

@@ -3,16 +3,13 @@ Kubernetes schemas, committed == rendered, serveConfigV2 == backends.serve_confi
 literal value, Ray token auth everywhere, and the CPU and rollout overlays' patches produce the intended
 RayServices.
 
-The overlay checks apply the JSON6902 patches in this file (and, when kubectl is on PATH, also compare
-with `kubectl kustomize`), so they test the patches themselves, not just the files' structure.
+The overlay checks apply the JSON6902 patches in this file, so they test the patches themselves, not just the
+files' structure; tests/test_k8s_kustomize.py builds the same with `kubectl kustomize`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,9 +44,13 @@ def test_every_rendered_object_validates(crds, rendered):
         "RayCluster",
         "NetworkPolicy",
         "Namespace",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+        "PersistentVolumeClaim",
         "HorizontalPodAutoscaler",
         "Deployment",
         "Kustomization",
+        "Component",
         "ConfigMap",
         "PodMonitor",
         "PrometheusRule",
@@ -65,7 +66,7 @@ def test_every_rendered_object_validates(crds, rendered):
 
 def test_committed_tree_equals_fresh_render():
     problems = k8s.check_manifests(K8S)
-    assert not problems, "k8s/ drifted; run `llmserve-nb render-k8s`:\n" + "".join(problems)
+    assert not problems, "k8s/ drifted; run `llmserve-nb k8s render`:\n" + "".join(problems)
 
 
 def test_committed_tree_validates_including_kustomize_references(crds):
@@ -75,10 +76,10 @@ def test_committed_tree_validates_including_kustomize_references(crds):
 def test_serve_config_v2_is_the_yaml_of_the_serve_config(rendered):
     for rel, name, prof in [
         ("base/rayservice-gpu.yaml", "llm", "gpu"),
-        ("rayservice-fractional-gpu.yaml", "llm-half", "gpu-half"),
-        ("rayservice-fractional-gpu.yaml", "llm-quarter", "gpu-quarter"),
+        ("extras/fractional-gpu/rayservices.yaml", "llm-half", "gpu-half"),
+        ("extras/fractional-gpu/rayservices.yaml", "llm-quarter", "gpu-quarter"),
     ]:
-        svc = next(d for d in rendered[rel] if d["metadata"]["name"] == name)
+        svc = next(d for d in rendered[rel] if d["metadata"]["name"] == name and d["kind"] == "RayService")
         text = svc["spec"]["serveConfigV2"]
         assert text == yaml.safe_dump(serve_config(k8s.profile(prof)), sort_keys=False)
         assert yaml.safe_load(text) == serve_config(k8s.profile(prof))
@@ -87,7 +88,7 @@ def test_serve_config_v2_is_the_yaml_of_the_serve_config(rendered):
 
 
 def test_vllm_rayservice_serves_the_vllm_profile_through_ray_serve_llm(crds, rendered):
-    [svc] = rendered["rayservice-vllm-gpu.yaml"]
+    svc, _pdb = rendered["extras/vllm-gpu/rayservice.yaml"]
     assert svc["metadata"]["name"] == "llm-vllm"
     assert svc["spec"]["serveConfigV2"] == yaml.safe_dump(serve_config(k8s.profile("vllm-gpu")), sort_keys=False)
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
@@ -111,7 +112,7 @@ def test_the_vllm_rayservice_turns_on_rays_high_throughput_serving_and_the_trans
     assert want == vllm_app.HIGH_THROUGHPUT_ENV
     assert want == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
     assert get_backend("transformers").cluster_env(k8s.profile("gpu")) == {}
-    [vllm] = rendered["rayservice-vllm-gpu.yaml"]
+    vllm, _pdb = rendered["extras/vllm-gpu/rayservice.yaml"]
     for group in ("head", "worker"):
         assert {k: env(vllm, group).get(k) for k in want} == want
         assert not set(want) & set(env(_gpu_service(rendered), group))
@@ -129,7 +130,7 @@ def test_gpu_profile_asks_one_gpu_per_replica(rendered):
     "name, gpus, batch, replicas, dynamic", [("llm-half", 0.5, 4, 2, False), ("llm-quarter", 0.25, 8, 4, True)]
 )
 def test_fractional_gpu_variants_pack_one_gpu(rendered, name, gpus, batch, replicas, dynamic):
-    svc = next(d for d in rendered["rayservice-fractional-gpu.yaml"] if d["metadata"]["name"] == name)
+    svc = next(d for d in rendered["extras/fractional-gpu/rayservices.yaml"] if d["metadata"]["name"] == name)
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
     dep = app["deployments"][0]
     assert dep["ray_actor_options"]["num_gpus"] == gpus
@@ -143,7 +144,7 @@ def test_fractional_gpu_variants_pack_one_gpu(rendered, name, gpus, batch, repli
 
 
 def test_raycluster_has_in_tree_autoscaling_and_gpu_group(rendered):
-    rc = rendered["raycluster-notebook.yaml"][0]["spec"]
+    rc = rendered["extras/notebook/raycluster.yaml"][0]["spec"]
     assert rc["enableInTreeAutoscaling"] is True and rc["rayVersion"] == "2.60.0"
     group = rc["workerGroupSpecs"][0]
     assert (group["groupName"], group["minReplicas"], group["maxReplicas"]) == ("gpu-workers", 1, 4)
@@ -202,7 +203,8 @@ def test_no_committed_manifest_holds_a_secret_value():
 def test_api_key_secret_comes_from_a_git_ignored_env_file(rendered):
     kz = rendered["base/kustomization.yaml"][0]
     [gen] = kz["secretGenerator"]
-    assert gen["name"] == "llmserve-api-key" and gen["namespace"] == "llmserve" and gen["envs"] == ["api-key.env"]
+    assert gen["name"] == "llmserve-api-key" and gen["envs"] == ["api-key.env"]
+    assert kz["namespace"] == "llmserve" and "namespace" not in gen  # the kustomization's namespace, not its own
     # kustomize cannot rewrite a hashed name inside KubeRay's pod templates, so the name must stay fixed.
     assert gen["options"]["disableNameSuffixHash"] is True
     assert "api-key.env" in (K8S / "base" / ".gitignore").read_text().splitlines()
@@ -247,12 +249,12 @@ def test_hpa_is_opt_in_and_uses_metrics_ray_exports(rendered):
 
     base = rendered["base/kustomization.yaml"][0]["resources"]
     assert not any("hpa" in r for r in base)
-    query = rendered["optional/hpa/prometheus-adapter-values.yaml"][0]["rules"]["external"][0]["metricsQuery"]
+    query = rendered["components/hpa/prometheus-adapter-values.yaml"][0]["rules"]["external"][0]["metricsQuery"]
     ray_src = "".join(p.read_text() for p in (Path(ray.__file__).parent / "serve" / "_private").glob("*.py"))
     for metric in ("serve_deployment_queued_queries", "serve_num_ongoing_requests_at_replicas"):
         assert f"ray_{metric}" in query and f'"{metric}"' in ray_src
-    hpa = rendered["optional/hpa/hpa.yaml"][0]["spec"]
-    assert hpa["scaleTargetRef"]["name"] == rendered["optional/hpa/ray-gpu-workers.yaml"][0]["metadata"]["name"]
+    hpa = rendered["components/hpa/hpa.yaml"][0]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == rendered["components/hpa/ray-gpu-workers.yaml"][0]["metadata"]["name"]
     assert "HPA" in (K8S / "README.md").read_text() and "running" in (K8S / "README.md").read_text()
 
 
@@ -296,12 +298,18 @@ def test_cpu_overlay_patches_produce_the_cpu_rayservice(crds):
 
 
 def _overlay_service(overlay: str) -> dict:
-    """The RayService an overlay produces: its base's RayService with the overlay's JSON6902 patch applied."""
+    """The RayService an overlay produces: its base's RayService with the JSON6902 patches of the overlay and of
+    the Components it includes applied."""
     folder = K8S / overlay
     kz = yaml.safe_load((folder / "kustomization.yaml").read_text())
     base_dir = folder / next(r for r in kz["resources"] if (folder / r / "kustomization.yaml").is_file())
     base_files = yaml.safe_load((base_dir / "kustomization.yaml").read_text())["resources"]
-    [patch] = kz["patches"]
+    patches = [(folder, p) for p in kz.get("patches", [])]
+    for ref in kz.get("components", []):
+        component = yaml.safe_load((folder / ref / "kustomization.yaml").read_text())
+        assert component["kind"] == "Component"
+        patches += [(folder / ref, p) for p in component.get("patches", [])]
+    [(where, patch)] = [(w, p) for w, p in patches if p["target"]["kind"] == "RayService"]
     target = patch["target"]
     [service] = [
         d
@@ -309,11 +317,11 @@ def _overlay_service(overlay: str) -> dict:
         for d in yaml.safe_load_all((base_dir / f).read_text())
         if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]
     ]
-    return _json6902(service, yaml.safe_load((folder / patch["path"]).read_text()))
+    return _json6902(service, yaml.safe_load((where / patch["path"]).read_text()))
 
 
 def test_rollout_overlay_makes_the_gpu_rayservice_upgrade_incrementally(crds):
-    patched = _overlay_service("rollout")
+    patched = _overlay_service("overlays/rollout")
     assert patched == k8s.rollout_rayservice()
     assert k8s.validate_manifest(patched, crds=crds) == []
     strategy = patched["spec"]["upgradeStrategy"]
@@ -327,8 +335,8 @@ def test_rollout_overlay_makes_the_gpu_rayservice_upgrade_incrementally(crds):
 
 
 def test_rollout_split_routes_to_both_versions_and_leaves_kuberays_names_alone(rendered):
-    kz = rendered["rollout/kustomization.yaml"][0]
-    objs = {d["kind"]: d for rel in kz["resources"] if rel.endswith(".yaml") for d in rendered[f"rollout/{rel}"]}
+    kz = rendered["components/rollout/kustomization.yaml"][0]
+    objs = {d["kind"]: d for rel in kz["resources"] for d in rendered[f"components/rollout/{rel}"]}
     gateway, route, v2 = objs["Gateway"], objs["HTTPRoute"], objs["RayService"]
     # KubeRay owns <name>-gateway and <name>-httproute during incremental upgrades; ours must not collide.
     assert gateway["metadata"]["name"] != "llm-gateway" and route["metadata"]["name"] != "llm-httproute"
@@ -362,16 +370,16 @@ def test_incremental_upgrade_rules_of_kuberay_are_enforced(crds):
 
 
 def test_new_kinds_are_checked_against_their_crds(rendered):
-    route = copy.deepcopy(rendered["rollout/httproute-split.yaml"][0])
+    route = copy.deepcopy(rendered["components/rollout/httproute-split.yaml"][0])
     route["spec"]["rules"][1]["backendRefs"][0]["wieght"] = 1
     _one(k8s.validate_manifest(route), "spec.rules[1].backendRefs[0]", "'wieght'")
-    gateway = copy.deepcopy(rendered["rollout/gateway.yaml"][0])
+    gateway = copy.deepcopy(rendered["components/rollout/gateway.yaml"][0])
     del gateway["spec"]["gatewayClassName"]
     _one(k8s.validate_manifest(gateway), "'gatewayClassName'")
-    monitor = copy.deepcopy(rendered["observability/podmonitors.yaml"][0])
+    monitor = copy.deepcopy(rendered["components/observability/podmonitors.yaml"][0])
     monitor["spec"]["podMetricsEndpoints"][0]["port"] = 8080
     _one(k8s.validate_manifest(monitor), "podMetricsEndpoints[0].port")
-    rule = copy.deepcopy(rendered["observability/prometheusrule.yaml"][0])
+    rule = copy.deepcopy(rendered["components/observability/prometheusrule.yaml"][0])
     rule["spec"]["groups"][0]["rules"][0]["fro"] = "5m"
     _one(k8s.validate_manifest(rule), "spec.groups[0].rules[0]", "'fro'")
 
@@ -400,7 +408,7 @@ def test_token_auth_needs_a_recent_ray(crds, rendered):
 
 
 def test_hpa_workers_join_with_the_token_kuberay_generated(rendered):
-    env = rendered["optional/hpa/ray-gpu-workers.yaml"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    env = rendered["components/hpa/ray-gpu-workers.yaml"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
     token = {"secretKeyRef": {"name": "llm-notebook", "key": "auth_token"}}
     assert {"name": "RAY_AUTH_TOKEN", "valueFrom": token} in env
@@ -418,54 +426,6 @@ def test_hpa_workers_join_with_the_token_kuberay_generated(rendered):
 )
 def test_auth_token_secret_name_follows_kuberays_check_name(cluster, secret):
     assert k8s.auth_token_secret_name(cluster) == (secret, "auth_token")
-
-
-_needs_kubectl = pytest.mark.usefixtures("kubectl")  # its built-in kustomize (conftest: skip, or fail in CI)
-
-
-def _kustomize(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tree_with_key(tmp_path_factory) -> Path:
-    """A copy of k8s/ with the git-ignored api-key.env created the way the template says."""
-    tree = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("api-key.env"))
-    (tree / "base" / "api-key.env").write_text("api-key=0123456789abcdef-test-only\n")
-    return tree
-
-
-@_needs_kubectl
-def test_kubectl_kustomize_refuses_the_base_until_the_key_file_exists(tmp_path):
-    tree = tmp_path / "k8s"
-    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("api-key.env"))
-    r = _kustomize(tree / "base")
-    assert r.returncode != 0 and "api-key.env" in r.stderr
-
-
-@_needs_kubectl
-@pytest.mark.parametrize("folder", ["base", "overlays/cpu", "rollout", "observability", "optional/hpa"])
-def test_kubectl_kustomize_builds_objects_that_validate(tree_with_key, crds, folder):
-    r = _kustomize(tree_with_key / folder)
-    assert r.returncode == 0, r.stderr
-    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-    errors = {f"{d['kind']}/{d['metadata']['name']}": k8s.validate_manifest(d, crds=crds) for d in docs}
-    assert {k: v for k, v in errors.items() if v} == {}
-    if folder == "base":
-        [secret] = [d for d in docs if d["kind"] == "Secret"]
-        assert secret["metadata"]["name"] == "llmserve-api-key" and set(secret["data"]) == {"api-key"}
-
-
-@_needs_kubectl
-@pytest.mark.parametrize(
-    "folder, expected", [("overlays/cpu", k8s.cpu_rayservice), ("rollout", k8s.rollout_rayservice)]
-)
-def test_kubectl_kustomize_builds_the_overlay_rayservice(tree_with_key, folder, expected):
-    r = _kustomize(tree_with_key / folder)
-    assert r.returncode == 0, r.stderr
-    services = [d for d in yaml.safe_load_all(r.stdout) if d["kind"] == "RayService" and d["metadata"]["name"] == "llm"]
-    assert services == [expected()]
 
 
 # ---- validation catches what the API server (or Serve) would reject ------------------------------
@@ -525,35 +485,12 @@ def test_core_kinds_are_checked_strictly(rendered):
     _one(k8s.validate_manifest(policy), "spec", "podSelektor")
 
 
-def test_missing_crd_file_gives_a_clear_error(tmp_path, rendered):
-    with pytest.raises(k8s.ManifestError, match=r"LLMSERVE_NB_CRDS.*kubectl get crd rayservices\.ray\.io"):
+def test_missing_crd_gives_a_clear_error(tmp_path, rendered, monkeypatch):
+    with pytest.raises(k8s.ManifestError, match=r"rayservices\.ray\.io.*not found in .*kubectl get crd rayservices"):
         k8s.validate_manifest(_gpu_service(rendered), crds=tmp_path)
-
-
-# ---- CLI -----------------------------------------------------------------------------------------
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    k8s.add_cli(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-def test_cli_check_fails_with_a_diff_on_drift(tmp_path, capsys):
-    out = tmp_path / "k8s"
-    assert _cli(["render-k8s", "--out", str(out)]) == 0
-    assert _cli(["render-k8s", "--out", str(out), "--check"]) == 0
-    path = out / "base" / "rayservice-gpu.yaml"
-    path.write_text(path.read_text().replace("max_batch_size: 8", "max_batch_size: 9"))
-    capsys.readouterr()
-    assert _cli(["render-k8s", "--out", str(out), "--check"]) == 1
-    diff = capsys.readouterr().out
-    assert "-          max_batch_size: 9" in diff and "+          max_batch_size: 8" in diff
-
-
-def test_cli_validate_reports_errors_and_exit_code(tmp_path, crds, capsys, rendered):
-    bad = _gpu_service(rendered)
-    bad["spec"]["bogus"] = 1
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(bad))
-    assert _cli(["validate-k8s", str(path), "--crds", str(crds)]) == 1
-    assert "spec: unknown field(s) 'bogus'" in capsys.readouterr().out
+    with pytest.raises(k8s.ManifestError, match="CRD folder.* not found"):
+        k8s.validate_manifest(_gpu_service(rendered), crds=tmp_path / "absent")
+    # No default folder: nothing named and no $LLMSERVE_NB_CRDS says what to pass.
+    monkeypatch.delenv(k8s.CRD_ENV, raising=False)
+    with pytest.raises(k8s.ManifestError, match="no CRD source: pass --crds DIR .* or --from-cluster"):
+        k8s.validate_manifest(_gpu_service(rendered))

@@ -1,5 +1,5 @@
-"""k8s/observability/: PodMonitors on Ray's metrics port, PrometheusRule alerts that promtool accepts and that
-follow the backend each app selects, the Grafana dashboard (JSON == ConfigMap), and `all_promql_expressions()`
+"""k8s/components/observability/ and k8s/grafana/: PodMonitors on Ray's metrics port, PrometheusRule alerts
+that promtool accepts and that follow the backend each app selects, the Grafana dashboard (JSON == ConfigMap), and `all_promql_expressions()`
 naming only metrics the app (llmserve_nb.observability.promql), vLLM or Ray 2.60's Serve export.
 """
 
@@ -52,7 +52,7 @@ def _ray_vllm_metric_names() -> set[str]:
 
 
 def test_pod_monitors_scrape_the_metrics_port_of_head_and_workers(rendered):
-    head, workers = rendered["observability/podmonitors.yaml"]
+    head, workers = rendered["components/observability/podmonitors.yaml"]
     for monitor in (head, workers):
         [endpoint] = monitor["spec"]["podMetricsEndpoints"]
         assert endpoint["port"] == "metrics"
@@ -63,13 +63,13 @@ def test_pod_monitors_scrape_the_metrics_port_of_head_and_workers(rendered):
     # The port named "metrics" is 8080 on every Ray pod the monitors select.
     ray_service = rendered["base/rayservice-gpu.yaml"][0]["spec"]["rayClusterConfig"]
     pods = [ray_service["headGroupSpec"]["template"]] + [g["template"] for g in ray_service["workerGroupSpecs"]]
-    pods.append(rendered["optional/hpa/ray-gpu-workers.yaml"][0]["spec"]["template"])
+    pods.append(rendered["components/hpa/ray-gpu-workers.yaml"][0]["spec"]["template"])
     for pod in pods:
         assert {"name": "metrics", "containerPort": 8080} in pod["spec"]["containers"][0]["ports"]
 
 
 def _groups(rendered) -> list[dict]:
-    return rendered["observability/prometheusrule.yaml"][0]["spec"]["groups"]
+    return rendered["components/observability/prometheusrule.yaml"][0]["spec"]["groups"]
 
 
 def test_alerts_cover_latency_errors_scaling_and_queue(rendered):
@@ -105,7 +105,7 @@ def test_alerts_follow_the_backend_the_config_selects():
 
 @_needs_promtool
 def test_promtool_accepts_the_rule_groups(rendered, tmp_path):
-    committed = yaml.safe_load((K8S / "observability" / "prometheusrule.yaml").read_text())
+    committed = yaml.safe_load((K8S / "components" / "observability" / "prometheusrule.yaml").read_text())
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": committed["spec"]["groups"]}))
     r = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -113,10 +113,10 @@ def test_promtool_accepts_the_rule_groups(rendered, tmp_path):
 
 
 def test_dashboard_json_and_configmap_are_the_same_dashboard(rendered):
-    text = (K8S / "observability" / "grafana-dashboard.json").read_text()
-    cm = rendered["observability/grafana-dashboard-configmap.yaml"][0]
+    text = (K8S / "grafana" / "grafana-dashboard.json").read_text()
+    cm = rendered["grafana/grafana-dashboard-configmap.yaml"][0]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert cm["metadata"]["namespace"] == "monitoring"
+    assert rendered["grafana/kustomization.yaml"][0]["namespace"] == "monitoring" and "namespace" not in cm["metadata"]
     assert cm["data"] == {"llmserve-nb.json": text}
     dash = json.loads(text)
     variables = {v["name"]: v for v in dash["templating"]["list"]}

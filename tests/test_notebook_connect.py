@@ -68,9 +68,10 @@ def test_address_target_on_two_node_cluster_without_crds(ray_cluster: RayTestClu
     assert results["app_nodes"] == [ray_cluster.worker_node_id[:12]], "the replica ignored its node2 resource"
     assert "Paris" in results["answer"], results["answer"]
 
-    # Without CRDs the ray.io objects are reported, not validated; the core kinds still are.
+    # Without CRDs the custom resources are reported, not validated; the core kinds still are.
     objects = _rendered_objects()
-    ray_objects = [o for o in objects if o["apiVersion"].startswith("ray.io/")]
+    custom_groups = ("ray.io/", "gateway.networking.k8s.io/", "monitoring.coreos.com/")
+    ray_objects = [o for o in objects if o["apiVersion"].startswith(custom_groups)]
     assert sorted((r["kind"], r["name"]) for r in results["manifests_not_validated"]) == sorted(
         (o["kind"], o["metadata"]["name"]) for o in ray_objects
     )

@@ -27,6 +27,9 @@ class ServeCluster(Protocol):
 
     serve_url: str
 
+    # The entry the cluster deploys for a config: its runtime_env may carry more (the shipped package).
+    def application(self, config: AppConfig) -> dict[str, Any]: ...
+
     def app_status(self, name: str) -> AppStatus | None: ...
 
     def deploy_application(self, application: dict[str, Any]) -> None: ...
@@ -91,7 +94,7 @@ class AppHandle:
         """Wait until Serve runs this handle's config and the route answers; DeployError when Serve
         reports the deploy (or update) failed, with Serve's message, or after `timeout_s`."""
         t0 = time.monotonic()
-        want = application(self.config)
+        want = self.cluster.application(self.config)
         last = None
         while True:
             st = self.status()

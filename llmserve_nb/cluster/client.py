@@ -3,14 +3,17 @@
 One `Cluster` serves every target `connect()` can reach (embedded, address, KubeRay), so what happens
 after connecting is a single code path that the local default exercises and tests can aim at a fake
 dashboard; the version-skew check is here because the dashboard is where the cluster's Ray version is
-read.
+read. Shipping this package to a cluster without it (`shipping`) happens here too: the upload goes
+through the same dashboard, and every application entry this client sends passes through it.
 """
 from __future__ import annotations
 
 import html
 import logging
 import platform
+import re
 import time
+from importlib import metadata
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -19,10 +22,41 @@ import httpx
 from llmserve_nb.backends import application, config_of_application
 from llmserve_nb.cluster.app import AppHandle
 from llmserve_nb.cluster.errors import CONNECT_TIMEOUT_S, ClusterError, DeployError
+from llmserve_nb.cluster.shipping import (
+    PackageZip,
+    PipSpec,
+    Shipping,
+    imports_this_package,
+    missing_module_hint,
+    package_zip,
+)
 from llmserve_nb.cluster.status import AppStatus, parse_serve_details
 from llmserve_nb.config import AppConfig, ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def _local_ray_version() -> tuple[str | None, str]:
+    """The Ray version this side must match, and how a message names it ("...{}..." for the version).
+
+    Read from the installed distribution, not by importing ray (seconds). A core install has no Ray: it
+    only talks REST, and what the cluster must then run is the Ray that the package's replica side is
+    pinned to (`ray[serve]==X` in its metadata), so that pin stands in. A source tree that is neither
+    installed nor has Ray gives (None, ...): the Ray check is skipped.
+    """
+    try:
+        return metadata.version("ray"), "this kernel has ray {}"
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        requires = metadata.requires("llmserve-nb") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    for requirement in requires:
+        if pinned := re.match(r"ray(\[[^\]]*\])?\s*==\s*([^\s;,]+)", requirement):
+            return pinned.group(2), "this client (without ray) is built for ray {}"
+    log.info("no ray here, and no llmserve-nb metadata to read its pin from: the Ray version is not checked")
+    return None, ""
 
 
 def check_version_skew(
@@ -34,14 +68,13 @@ def check_version_skew(
     code across Python minors, so `connect()` checks this before anything else. A version the cluster
     does not state (None) is not checked.
     """
+    here = "this kernel has ray {}"
     if local_ray is None:
-        import ray
-
-        local_ray = ray.__version__
+        local_ray, here = _local_ray_version()
     local_python = local_python or platform.python_version()
     problems = []
-    if cluster_ray and cluster_ray != local_ray:
-        problems.append(f"the cluster runs ray {cluster_ray}, this kernel has ray {local_ray}")
+    if cluster_ray and local_ray and cluster_ray != local_ray:
+        problems.append(f"the cluster runs ray {cluster_ray}, {here.format(local_ray)}")
     if cluster_python and cluster_python.split(".")[:2] != local_python.split(".")[:2]:
         problems.append(f"the cluster runs Python {cluster_python}, this kernel has Python {local_python}")
     if problems:
@@ -58,6 +91,9 @@ class Cluster:
 
     `transport` replaces how HTTP requests leave, for the dashboard and for the handles this object
     creates (tests pass an `httpx.MockTransport`).
+
+    `ship_package` is the default of `deploy(ship_package=...)`: True unless the cluster is the embedded
+    local Ray, which runs in this kernel's own environment and so already imports this package.
     """
 
     def __init__(
@@ -87,9 +123,16 @@ class Cluster:
         )
         self.deployed: set[str] = set()  # apps deployed through this object: the only ones shutdown() deletes
         self.managed_by: str | None = None  # name of the RayService whose operator owns Serve here
+        self.ship_package = kind != "local"
+        # What deploy() decided per app, so that later updates of the same app (AppHandle.update, reconfigure)
+        # send the same runtime_env: a different one would restart every replica.
+        self._shipping: dict[str, Shipping] = {}
+        # The package each app was last sent: what its handle waits for, though the source may change meanwhile.
+        self._sent_packages: dict[str, PackageZip] = {}
 
     # ---- REST ------------------------------------------------------------------------------
-    def _api(self, method: str, path: str, refused: type[ClusterError] = ClusterError, **kw) -> Any:
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        """The dashboard's answer; a ClusterError naming what to check when there is none or it refuses our token."""
         url = f"{self.dashboard_url}{path}"
         try:
             r = self._http.request(method, path, **kw)
@@ -108,6 +151,11 @@ class Cluster:
                 f"the Ray dashboard at {self.dashboard_url} rejected our credentials (HTTP {r.status_code}): "
                 "the cluster uses token auth; pass token=..., set RAY_AUTH_TOKEN, or for KubeRay the auth Secret"
             )
+        return r
+
+    def _api(self, method: str, path: str, refused: type[ClusterError] = ClusterError, **kw) -> Any:
+        url = f"{self.dashboard_url}{path}"
+        r = self._request(method, path, **kw)
         if r.status_code >= 400:
             raise refused(f"{method} {url} failed with HTTP {r.status_code}: {r.text[:2000]}")
         if not r.content or "json" not in r.headers.get("content-type", ""):
@@ -212,28 +260,88 @@ class Cluster:
             raise DeployError(
                 f"cannot {what}: this cluster belongs to RayService {self.managed_by!r}: KubeRay reconciles its "
                 "serveConfigV2 and would revert a deploy made here. Use cluster.app(name) to work with the app it "
-                "runs, change the RayService (llmserve-nb render-k8s), or deploy to a RayCluster instead"
+                "runs, change the RayService (llmserve-nb k8s render), or deploy to a RayCluster instead"
             )
 
     def deploy(
         self,
         config: AppConfig | None = None,
         *,
+        ship_package: bool | None = None,
+        pip: PipSpec = None,
         wait: bool = True,
         timeout_s: float = 900.0,
         progress: Callable[[str], None] | None = print,
     ) -> AppHandle:
         """Deploy (or update in place) one application; other applications on the cluster are kept.
 
+        The cluster needs this package and its Python dependencies on every node that runs a replica:
+        - `ship_package`: upload this kernel's `llmserve_nb` to the cluster (through the dashboard, as
+          `ray job submit` uploads code) and add it to the app's runtime_env `py_modules`. None means
+          `cluster.ship_package`: True except on the embedded local Ray (same Python as this kernel).
+          Then a stock Ray image (`rayproject/ray`) runs the app, and the replicas always run the code
+          this kernel has. False relies on the cluster's image having the package.
+        - `pip`: install the dependencies in the app's runtime_env: "serve" (the core requirements and
+          the `[serve]` extra of this llmserve-nb, without Ray, torch at its pin), a list of
+          requirements, or Ray's pip dict (`{"packages": [...], "pip_install_options": [...]}`). Every
+          node then builds a virtualenv on the first replica it starts, which with torch takes minutes.
+          None (the default) adds nothing: the cluster's image must have the dependencies (build it with
+          `pip install 'llmserve-nb[serve]'`, as k8s/image/Dockerfile does). Ray's runtime_env
+          `image_uri` (podman on every node, experimental in Ray 2.60) is the alternative for a per-app image.
+        The choice is remembered for this app's name: `AppHandle.update()` and `reconfigure()` send the
+        same runtime_env, since another one would restart every replica. The package's URI is its
+        content hash, so redeploying unchanged code changes nothing either.
+
         With `wait`, returns once Serve runs this config and its route answers; a deploy Serve reports
-        as failed raises DeployError with Serve's own message.
+        as failed raises DeployError with Serve's own message, led by the fix when a module is missing.
         """
         config = config or AppConfig()
+        self._shipping[config.name] = Shipping.of(self.ship_package if ship_package is None else ship_package, pip)
         self.deploy_application(application(config))
         handle = self._handle(config)
         if wait:
-            handle.wait_running(timeout_s=timeout_s, progress=progress)
+            try:
+                handle.wait_running(timeout_s=timeout_s, progress=progress)
+            except DeployError as e:
+                hint = missing_module_hint(str(e))
+                if hint is None:
+                    raise
+                raise DeployError(f"application {config.name!r} cannot start: {hint}.\n\n{e}") from None
         return handle
+
+    def application(self, config: AppConfig) -> dict[str, Any]:
+        """The `applications:` entry this cluster deploys for `config`: the backend's rendering
+        (`llmserve_nb.backends.application`), with the package and pip list this app gets (see `deploy`)."""
+        return self._shipped(application(config), fresh=False)[0]
+
+    def _shipped(self, entry: dict[str, Any], fresh: bool) -> tuple[dict[str, Any], PackageZip | None]:
+        """`entry` with its runtime_env as this app's shipping wants it, and the package it names, if any:
+        the package as the source is now (`fresh`), else as it was last sent for this app."""
+        if not imports_this_package(entry):
+            return entry, None
+        name = entry["name"]
+        shipping = self._shipping.get(name) or Shipping(package=self.ship_package)
+        package = ((None if fresh else self._sent_packages.get(name)) or package_zip()) if shipping.package else None
+        return shipping.apply(entry, package), package
+
+    def upload_package(self, package: PackageZip | None = None) -> str:
+        """Upload the package (default: this `llmserve_nb`) to the cluster's GCS unless it is there already, as
+        Ray's job submission client does; its URI for a runtime_env's `py_modules`.
+
+        The GET that finds it also pins it for 10 minutes (Ray's `pin_runtime_env_uri`), time enough for
+        the replicas that use it to start, which keep it from then on.
+        """
+        package = package or package_zip()
+        path = f"/api/packages/gcs/{package.name}"
+        found = self._request("GET", path)
+        if found.status_code == 404:
+            log.info("uploading %s (%d KiB) to %s", package.uri, len(package.data) // 1024, self.dashboard_url)
+            self._api("PUT", path, refused=DeployError, content=package.data,
+                      headers={"content-type": "application/octet-stream"})
+        elif found.status_code != 200:
+            raise DeployError(f"GET {self.dashboard_url}{path} failed with HTTP {found.status_code}: "
+                              f"{found.text[:2000]}")
+        return package.uri
 
     def _put_applications(self, details: dict[str, Any], applications: list[dict[str, Any]],
                           refused: type[ClusterError] = ClusterError) -> None:
@@ -250,9 +358,13 @@ class Cluster:
     def deploy_application(self, application: dict[str, Any]) -> None:
         """Send one raw `applications:` entry (what `llmserve_nb.backends.application(config)` renders, or any
         Serve app, e.g. the rollout router) without waiting; the cluster's other applications and Serve's proxy
-        options are kept. Refused when a RayService owns Serve here or the route prefix is taken."""
+        options are kept. Refused when a RayService owns Serve here or the route prefix is taken.
+
+        An entry that runs this package's code gets the package and pip list its app's shipping says (see
+        `deploy`; apps deployed otherwise, e.g. the rollout router, get `ship_package`), uploaded first."""
         name, prefix = application["name"], application.get("route_prefix")
         self._refuse_if_managed(f"deploy {name!r}")
+        application, package = self._shipped(application, fresh=True)
         details = self.serve_details()
         others = [app.deployed_config for app in parse_serve_details(details).values()
                   if app.name != name and app.deployed_config]
@@ -262,7 +374,11 @@ class Cluster:
                     f"route_prefix {prefix!r} is taken by application {other['name']!r}; "
                     "give this app another name and route_prefix"
                 )
+        if package is not None:
+            self.upload_package(package)
         self._put_applications(details, others + [application], refused=DeployError)
+        if package is not None:
+            self._sent_packages[name] = package
         self.deployed.add(name)
 
     def delete(self, app_name: str, timeout_s: float = 120.0) -> None:

@@ -7,6 +7,7 @@ depends on the target. The module is called `targets`, not `connect`, so that th
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -20,6 +21,29 @@ from llmserve_nb.cluster.ports import free_port
 
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
+# Ray 2.60 logs this on every new local cluster when RAY_AUTH_MODE is unset: it turned token auth on, the
+# secure default the embedded target keeps and sends the token for. A notebook user has nothing to do about
+# it, and it shows in red under every connect cell. Only this message is dropped: the warning that auth is
+# *disabled* still shows.
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+_QUIET_TOKEN_AUTH_NOTICE = _DropMessage(_TOKEN_AUTH_NOTICE)
+
+
+def quiet_token_auth_notice() -> None:
+    """Drop Ray's "token authentication is enabled" notice from this process's log (idempotent)."""
+    logging.getLogger(_TOKEN_AUTH_LOGGER).addFilter(_QUIET_TOKEN_AUTH_NOTICE)
 
 
 def read_ray_token() -> str | None:
@@ -40,12 +64,21 @@ _local: Cluster | None = None
 
 
 def _start_local(num_cpus: int | None, dashboard_port: int | None, serve_port: int | None) -> Cluster:
+    # The embedded Ray runs the replicas in this environment's Python, so it needs the whole replica side;
+    # a client-only install ([notebook] or the core) gets told which extra, not an ImportError.
+    absent = [name for name in ("ray", "torch", "transformers") if importlib.util.find_spec(name) is None]
+    if absent:
+        raise ClusterError(
+            f"the embedded local Ray (connect() with no address or kuberay) runs the model in this Python, which "
+            f"lacks {', '.join(absent)}: pip install 'llmserve-nb[serve]'. Or connect to a running cluster: "
+            "connect(address='http://head:8265') or connect(kuberay='<name>', namespace=...)")
     import ray
 
     global _local
     if _local is not None and ray.is_initialized():
         return _local
     sport = serve_port or free_port(SERVE_PORT)
+    quiet_token_auth_notice()
     for attempt in range(3):
         # Between our probe and the dashboard's bind another process can take the port: retry elsewhere.
         # An ephemeral port unless one is asked for: a busy 8265 surfaces only after Ray's whole dashboard

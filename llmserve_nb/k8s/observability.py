@@ -18,6 +18,7 @@ from typing import Any
 
 from llmserve_nb.backends import Backend, all_backends, backend_for, get_backend
 from llmserve_nb.config import AppConfig
+from llmserve_nb.k8s.hpa import prometheus_adapter_values
 from llmserve_nb.k8s.options import NAME_LABEL, ClusterSpec, ManifestError
 from llmserve_nb.k8s.profiles import profile
 
@@ -52,7 +53,6 @@ def pod_monitors(spec: ClusterSpec) -> list[dict[str, Any]]:
             "kind": "PodMonitor",
             "metadata": {
                 "name": f"llmserve-nb-ray-{role}",
-                "namespace": spec.namespace,
                 "labels": {**NAME_LABEL, **spec.prometheus_selector},
             },
             "spec": {
@@ -179,7 +179,6 @@ def prometheus_rule(apps: list[AppConfig], spec: ClusterSpec) -> dict[str, Any]:
         "kind": "PrometheusRule",
         "metadata": {
             "name": "llmserve-nb-alerts",
-            "namespace": spec.namespace,
             "labels": {**NAME_LABEL, **spec.prometheus_selector},
         },
         "spec": {
@@ -347,13 +346,13 @@ def dashboard_json(backend: str = "transformers") -> str:
 
 
 def dashboard_configmap(spec: ClusterSpec, backend: str = "transformers") -> dict[str, Any]:
-    """The dashboard for Grafana's sidecar (kube-prometheus-stack loads ConfigMaps labelled grafana_dashboard)."""
+    """The dashboard for Grafana's sidecar (kube-prometheus-stack loads ConfigMaps labelled grafana_dashboard).
+    Its namespace is Grafana's (`spec.monitoring_namespace`), set by the grafana/ kustomization."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
             "name": "llmserve-nb-grafana-dashboard",
-            "namespace": spec.monitoring_namespace,
             "labels": {**NAME_LABEL, "grafana_dashboard": "1"},
         },
         "data": {DASHBOARD_FILE: dashboard_json(backend)},
@@ -387,8 +386,6 @@ def all_promql_expressions(
     asks for the rule's full expr (empty until the alert fires). `rate_window` replaces `$__rate_interval`;
     Ray reports metrics every 10 s, so keep it at 30 s or more.
     """
-    from llmserve_nb.k8s.render import hpa_objects
-
     app = app or profile("gpu")
     chosen = get_backend(backend or app.engine.backend)
     if app.engine.backend != chosen.name:
@@ -401,8 +398,7 @@ def all_promql_expressions(
                 out[key] = _substitute(expr, chosen.metric_prefix, app.name, app.engine.model_name, rate_window)
     for alert in alerts(app):
         out[f"alert/{alert.name}"] = alert.expr if with_thresholds else alert.signal
-    adapter = hpa_objects(ClusterSpec())["optional/hpa/prometheus-adapter-values.yaml"][0]
-    for rule in adapter["rules"]["external"]:
+    for rule in prometheus_adapter_values()["rules"]["external"]:
         matchers = f'application="{app.name}"'
         out[f"hpa/{rule['name']['as']}"] = rule["metricsQuery"].replace("<<.LabelMatchers>>", matchers)
     return out

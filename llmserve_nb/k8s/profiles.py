@@ -37,7 +37,8 @@ def _profiles() -> dict[str, AppConfig]:
         "gpu-half": _gpu_profile(0.5, 4, 0.0, 2).model_copy(update={"name": "llm-half"}),
         # ... and four replicas share one GPU, each batching dynamically up to 8 requests.
         "gpu-quarter": _gpu_profile(0.25, 8, 0.02, 4).model_copy(update={"name": "llm-quarter"}),
-        # The second version of k8s/rollout/: the same app under its own name, so its metrics stay apart.
+        # The second version of k8s/components/rollout/: the same app under its own name, so its metrics
+        # stay apart.
         "gpu-v2": _gpu_profile(1.0, 8, 0.02, None).model_copy(update={"name": "llm-v2"}),
         # The same model through vLLM (Ray Serve LLM) on one GPU per replica; vLLM batches continuously
         # up to max_num_seqs, so Serve scales on a deeper per-replica queue than the transformers engine's.

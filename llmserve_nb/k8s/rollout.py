@@ -1,11 +1,13 @@
 """Rollout, Kubernetes side: KubeRay v1.7 incremental upgrades of the GPU RayService, and a second version
-behind a Gateway API HTTPRoute with a weighted split (k8s/rollout/).
+behind a Gateway API HTTPRoute with a weighted split (k8s/components/rollout/, which k8s/overlays/rollout/
+includes).
 
 With `upgradeStrategy.type: NewClusterWithIncrementalUpgrade` KubeRay itself creates and owns the Gateway
 `<name>-gateway` (listener `http`, port 80, the configured GatewayClass) and the HTTPRoute `<name>-httproute`
 (rayservice_controller.go, createGateway/createHTTPRoute), and moves that route's weights from the old
 cluster to the new one. Rendering objects of those names would fight the operator, so the split to the
-second version lives on a Gateway of its own.
+second version lives on a Gateway of its own. All of it is a kustomize Component (components/rollout/) that an
+overlay including the GPU RayService adds (overlays/rollout/).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 from llmserve_nb.k8s.options import NAME_LABEL, PORTS, ClusterSpec
 from llmserve_nb.k8s.profiles import profile
-from llmserve_nb.k8s.render import kustomization, meta, rayservice_for
+from llmserve_nb.k8s.components import Files, component
+from llmserve_nb.k8s.render import meta, rayservice_for, worker_pdb
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 # KubeRay names a RayService's Serve Service `<rayservice>-serve-svc` (utils.GenerateServeServiceName);
@@ -43,7 +46,7 @@ def incremental_patch(spec: ClusterSpec) -> list[dict[str, Any]]:
 
 
 def rollout_rayservice(spec: ClusterSpec | None = None) -> dict[str, Any]:
-    """The GPU RayService as k8s/rollout/ produces it: the base one plus the incremental upgrade strategy."""
+    """The GPU RayService as k8s/overlays/rollout/ produces it: the base one plus the incremental upgrade."""
     spec = spec or ClusterSpec()
     svc = rayservice_for(profile("gpu"), spec, spec.name)
     svc["spec"]["upgradeStrategy"] = upgrade_strategy(spec)
@@ -67,7 +70,7 @@ def gateway(spec: ClusterSpec) -> dict[str, Any]:
     return {
         "apiVersion": GATEWAY_API,
         "kind": "Gateway",
-        "metadata": meta(public_gateway_name(spec), spec),
+        "metadata": meta(public_gateway_name(spec)),
         "spec": {
             "gatewayClassName": spec.rollout.gateway_class_name,
             "listeners": [
@@ -90,7 +93,7 @@ def split_route(spec: ClusterSpec) -> dict[str, Any]:
     return {
         "apiVersion": GATEWAY_API,
         "kind": "HTTPRoute",
-        "metadata": meta(f"{spec.name}-split", spec),
+        "metadata": meta(f"{spec.name}-split"),
         "spec": {
             "parentRefs": [{"name": public_gateway_name(spec), "sectionName": "http"}],
             "rules": [
@@ -118,7 +121,7 @@ def gateway_network_policy(spec: ClusterSpec) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": meta(f"{spec.name}-gateway-to-serve", spec),
+        "metadata": meta(f"{spec.name}-gateway-to-serve"),
         "spec": {
             "podSelector": {"matchLabels": dict(NAME_LABEL)},
             "policyTypes": ["Ingress"],
@@ -139,12 +142,12 @@ def gateway_network_policy(spec: ClusterSpec) -> dict[str, Any]:
     }
 
 
-def rollout_files(spec: ClusterSpec) -> dict[str, list[Any]]:
+def rollout_component(spec: ClusterSpec) -> Files:
+    """components/rollout/: the incremental upgrade of RayService `<name>` plus the second version behind a split."""
     return {
-        "rollout/kustomization.yaml": [
-            kustomization(
-                resources=["../base", "rayservice-v2.yaml", "gateway.yaml", "httproute-split.yaml",
-                           "networkpolicy-gateway.yaml"],
+        "kustomization.yaml": [
+            component(
+                resources=["rayservice-v2.yaml", "gateway.yaml", "httproute-split.yaml", "networkpolicy-gateway.yaml"],
                 patches=[
                     {
                         "path": "rayservice-incremental-patch.yaml",
@@ -153,9 +156,9 @@ def rollout_files(spec: ClusterSpec) -> dict[str, list[Any]]:
                 ],
             )
         ],
-        "rollout/rayservice-incremental-patch.yaml": [incremental_patch(spec)],
-        "rollout/rayservice-v2.yaml": [v2_rayservice(spec)],
-        "rollout/gateway.yaml": [gateway(spec)],
-        "rollout/httproute-split.yaml": [split_route(spec)],
-        "rollout/networkpolicy-gateway.yaml": [gateway_network_policy(spec)],
+        "rayservice-incremental-patch.yaml": [incremental_patch(spec)],
+        "rayservice-v2.yaml": [v2_rayservice(spec), worker_pdb(v2_name(spec))],
+        "gateway.yaml": [gateway(spec)],
+        "httproute-split.yaml": [split_route(spec)],
+        "networkpolicy-gateway.yaml": [gateway_network_policy(spec)],
     }

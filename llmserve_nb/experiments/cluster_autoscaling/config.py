@@ -89,7 +89,7 @@ def autoscaling_config(
 
 def kuberay_autoscaling_config(spec: ClusterSpec | None = None, name: str = "llm-notebook") -> dict[str, Any]:
     """The autoscaling config KubeRay's in-tree autoscaler derives from the RayCluster this package
-    renders (`llmserve_nb.k8s.render.raycluster`, what `k8s/raycluster-notebook.yaml` holds).
+    renders (`llmserve_nb.k8s.render.raycluster`, what `k8s/extras/notebook/raycluster.yaml` holds).
 
     The autoscaler sidecar reads the RayCluster and calls Ray's own
     `_derive_autoscaling_config_from_ray_cr` on it; so does this function, offline. `spec` is a
@@ -101,7 +101,11 @@ def kuberay_autoscaling_config(spec: ClusterSpec | None = None, name: str = "llm
     from llmserve_nb.k8s.render import raycluster
 
     spec = spec or CPU_CLUSTER.model_copy(update={"min_workers": 0, "max_workers": 2})
-    return _derive_autoscaling_config_from_ray_cr(raycluster(spec, name))
+    cr = raycluster(spec, name)
+    # The rendered object leaves its namespace to kustomize; the sidecar reads it from the API server, which
+    # always fills it in.
+    cr["metadata"].setdefault("namespace", spec.namespace)
+    return _derive_autoscaling_config_from_ray_cr(cr)
 
 
 def correspondence(local: dict[str, Any], kuberay: dict[str, Any]) -> list[dict[str, Any]]:
