@@ -52,6 +52,36 @@ def vllm_venv() -> Path:
 
 
 @pytest.fixture(scope="session")
+def quickstart_demo(tmp_path_factory):
+    """`llmserve-nb run-notebooks 00_quickstart` exactly as `make demo` runs it, once per session: the quickstart's
+    results, its nbval re-run and the demo-output check all read this one run (each run costs ~40 s).
+    Returns the finished process (output captured) and the executed notebook's path."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("runs")
+    env = {k: v for k, v in os.environ.items() if k != "LLMSERVE_NB_API_KEY"}
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("llmserve-nb")), "run-notebooks", "00_quickstart", "--out", str(out),
+         "-p", "burst_size=8", "-p", "max_tokens=24"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=840,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    (executed,) = out.glob("*/00_quickstart.ipynb")
+    return run, executed
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray (`ray start` head + worker, token auth), shared by the tests that need one: each start
+    costs ~20 s. Teardown raises if any process of it survives."""
+    from ray_cluster import running_cluster
+
+    with running_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
 def engine():
     from llmserve_nb.config import EngineConfig
     from llmserve_nb.engine import load_engine

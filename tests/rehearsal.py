@@ -37,6 +37,9 @@ from llmserve_nb.cluster import Cluster
 from llmserve_nb.cluster.ports import LocalRayAddresses, free_ports
 from llmserve_nb.experiments.cluster_autoscaling import stop_processes
 
+__all__ = ["Launcher", "RehearsalCluster", "RehearsalError", "RenderedService", "check_outside_source",
+           "container_env", "render_rayservice", "start_params", "venv_launcher"]
+
 ROOT = Path(__file__).resolve().parents[1]
 # The ports a pod has to itself and two nodes on one host would fight over, by rayStartParams name.
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
@@ -265,9 +268,12 @@ class RehearsalCluster(LocalRayAddresses):
                 states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
                 failed = [apps[n] for n in names if states[n] in ("DEPLOY_FAILED", "UNHEALTHY")]
                 if failed:
+                    messages = failed[0].serve_messages()
+                    # A replica's traceback ends with the reason: say it first, then the whole of it.
+                    reason = next((line.strip() for line in reversed(messages.splitlines()) if line.strip()), "")
                     raise RehearsalError(f"Serve app {failed[0].name!r} of RayService "
                                          f"{self.service.rayservice['metadata']['name']!r} is {failed[0].status} "
-                                         f"in {self.launcher.name}: {failed[0].serve_messages()}")
+                                         f"in {self.launcher.name}: {reason}\n{messages}")
                 if all(s == "RUNNING" for s in states.values()):
                     return config
                 if time.monotonic() - t0 > timeout_s:

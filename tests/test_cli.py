@@ -283,6 +283,23 @@ def test_deploy_status_chat_delete_on_a_real_cluster(cluster, capsys, tmp_path):
             cluster.delete("cli-test")
 
 
+# ---- vllm-env: the package reaches the vLLM venv without pip or a source tree -------------------------
+def test_vllm_env_links_this_package_and_nothing_else(tmp_path):
+    from llmserve_nb.backends.vllm import env
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    env._link_package(venv)
+    env._link_package(venv)  # again, as a rebuild from another install does: the link is replaced
+    probe = ("import importlib.util, json; spec = importlib.util.find_spec('llmserve_nb'); "
+             "print(json.dumps([spec.origin, importlib.util.find_spec('pydantic') is None]))")
+    done = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    origin, no_pydantic = json.loads(done.stdout)
+    assert Path(origin).resolve() == env.PACKAGE_DIR / "__init__.py"
+    assert no_pydantic  # this environment's other packages stay out of the vLLM venv
+
+
 # ---- from the installed wheel ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def installed_cli(tmp_path_factory) -> Path:

@@ -52,10 +52,8 @@ def _noise_in(text: str) -> list[str]:
 @pytest.mark.notebook
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_the_quickstart_demo_prints_no_noise(tmp_path):
-    run = _demo("00_quickstart", "--out", str(tmp_path), "-p", "burst_size=8", "-p", "max_tokens=24", timeout=840)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    (executed,) = tmp_path.glob("*/00_quickstart.ipynb")
+def test_the_quickstart_demo_prints_no_noise(quickstart_demo):
+    run, executed = quickstart_demo
     assert "Paris" in read_results(executed)["answer"]  # the demo did run the model
     assert _noise_in(run.stdout + run.stderr) == [], run.stdout + run.stderr
     assert _noise_in(_cell_stderr(executed)) == [], _cell_stderr(executed)

@@ -1,4 +1,4 @@
-"""The quickstart notebook, run headless exactly as CI and `make demo` run it (papermill), then nbval."""
+"""The quickstart notebook, run headless exactly as `make demo` runs it (`llmserve-nb run-notebooks`), then nbval."""
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llmserve_nb.notebooks import check_clean, read_results, run_notebook
+from llmserve_nb.notebooks import check_clean, read_results
 
 
 def test_committed_notebooks_are_clean():
@@ -24,9 +24,8 @@ def test_a_second_equals_sign_hides_a_parameter_from_papermill():
 
 
 @pytest.fixture(scope="module")
-def executed_quickstart(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    return run_notebook("00_quickstart", out, {"burst_size": 8, "max_tokens": 24}, html=True)
+def executed_quickstart(quickstart_demo):
+    return quickstart_demo[1]
 
 
 @pytest.mark.notebook

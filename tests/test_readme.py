@@ -45,13 +45,13 @@ def test_every_module_path_the_readme_names_exists():
     for module, names in re.findall(r"from (llmserve_nb[\w.]*) import ([\w, ]+)", _code()):
         paths |= {f"{module}:{name.strip()}" for name in names.split(",")}
     # the patterns do find them
-    assert {"llmserve_nb.observability.monitor.LiveMonitor", "llmserve_nb:DeploymentConfig"} <= paths
+    assert {"llmserve_nb.observability.monitor.LiveMonitor", "llmserve_nb:AppConfig"} <= paths
     assert [p for p in sorted(paths) if not _resolves(p)] == []
 
 
 def test_every_cli_subcommand_the_readme_names_exists():
-    named = set(re.findall(r"llmserve-nb ([a-z][a-z0-9-]*)", _code()))
-    assert {"render-k8s", "run-notebooks", "vllm-env"} <= named
+    named = set(re.findall(r"(?<!-n )llmserve-nb ([a-z][a-z0-9-]*)", _code()))  # not conda's env name
+    assert {"k8s", "run-notebooks", "vllm-env"} <= named
     usage = subprocess.run([sys.executable, "-m", "llmserve_nb.cli", "--help"], capture_output=True, text=True,
                            timeout=120, check=True).stdout
     listed = set(re.findall(r"^    ([a-z][a-z0-9-]*)", usage, flags=re.M))
@@ -86,3 +86,35 @@ def test_the_five_line_example_runs_as_written():
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Paris" in run.stdout, run.stdout[-2000:]
+
+
+def _bash_commands(starting: str) -> list[str]:
+    """The README's shell commands (continuation lines joined) that start with `starting`."""
+    blocks = re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", README, flags=re.S | re.M)
+    commands = [c.strip() for b in blocks for c in re.sub(r"\\\n\s*", "", b).splitlines()]
+    return [c for c in commands if c.startswith(starting)]
+
+
+def test_the_app_file_renders_an_overlay_kustomize_builds_as_the_readme_says(tmp_path, kubectl):
+    """The README's app.yaml, `k8s render --config` and key commands, run as written in a scratch folder."""
+    import yaml
+
+    from llmserve_nb import AppConfig
+
+    (app_yaml,) = re.findall(r"^```yaml\n(# app\.yaml.*?)^```", README, flags=re.S | re.M)
+    (tmp_path / "app.yaml").write_text(app_yaml)
+    config = AppConfig.from_file(tmp_path / "app.yaml")
+    (render,) = _bash_commands("llmserve-nb k8s render --config app.yaml")
+    (key,) = _bash_commands("umask 077; printf 'api-key=")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in (render, key):
+        run = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, command + "\n" + run.stderr[-2000:]
+    out = re.search(r"--out (\S+)", render).group(1)
+    built = subprocess.run([kubectl, "kustomize", str(tmp_path / out)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    objects = list(yaml.safe_load_all(built.stdout))
+    (service,) = [o for o in objects if o["kind"] == "RayService"]
+    assert service["metadata"] == {**service["metadata"], "name": config.name, "namespace": "team-a"}
+    served = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert served["name"] == config.name and served["args"]["engine"]["model_source"] == config.engine.model_source

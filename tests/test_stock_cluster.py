@@ -291,6 +291,22 @@ def test_an_attached_app_with_an_older_package_gets_this_one(fakes):
     assert dashboard.apps["llm"]["deployed_app_config"]["runtime_env"] == {"py_modules": [package_zip().uri]}
 
 
+def test_reconfiguring_an_attached_app_keeps_its_runtime_env_and_leaves_it_theirs(fakes):
+    """A RayService's app runs the image's package: reconfiguring it from a notebook must not add ours (that would
+    restart every replica, found by the CI rehearsal), nor make shutdown() delete it."""
+    dashboard, fake_app = fakes
+    dashboard.add_app(application(AppConfig()))
+    cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test")
+    handle = cluster.app("llm")
+    handle.reconfigure(max_batch_size=4)
+    sent = dashboard.apps["llm"]["deployed_app_config"]
+    assert sent["deployments"][0]["user_config"]["max_batch_size"] == 4
+    assert "py_modules" not in sent.get("runtime_env", {}) and not dashboard.packages
+    assert cluster.deployed == set()
+    cluster.shutdown()
+    assert set(dashboard.apps) == {"llm"}
+
+
 def test_other_applications_are_sent_untouched(fakes):
     dashboard, fake_app = fakes
     cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test")

@@ -8,7 +8,8 @@ local default exercises exactly the code that drives a remote cluster. Ray Clien
 Every HTTP call made here has a timeout, and every failure to reach the cluster or the app is a
 `ClusterError` that names the URL and what to check. See `targets` for `connect()`, `client` for
 `Cluster`, `app` for `AppHandle`, `status` for Serve's status as typed records (`AppStatus`),
-`kuberay` and `portforward` for the Kubernetes side, and `errors` for the errors.
+`kuberay` and `portforward` for the Kubernetes side, `shipping` for sending this package to a cluster
+that lacks it, and `errors` for the errors.
 """
 from llmserve_nb.cluster.app import AppHandle
 from llmserve_nb.cluster.client import Cluster, check_version_skew

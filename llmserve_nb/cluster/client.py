@@ -122,6 +122,7 @@ class Cluster:
             transport=transport,
         )
         self.deployed: set[str] = set()  # apps deployed through this object: the only ones shutdown() deletes
+        self._attached: set[str] = set()  # apps found running by app(): updating them does not make them ours
         self.managed_by: str | None = None  # name of the RayService whose operator owns Serve here
         self.ship_package = kind != "local"
         # What deploy() decided per app, so that later updates of the same app (AppHandle.update, reconfigure)
@@ -249,10 +250,14 @@ class Cluster:
         apps = self.app_statuses()
         if name not in apps:
             raise ClusterError(f"no Serve application {name!r} on this cluster (running: {sorted(apps) or 'none'})")
+        running = apps[name].deployed_config or {"name": name}
         try:
-            config = config_of_application(apps[name].deployed_config or {"name": name})
+            config = config_of_application(running)
         except ConfigError as e:
             raise ClusterError(f"application {name!r} is not an llmserve_nb app: {e}") from None
+        self._shipping.setdefault(name, Shipping.of_running(running.get("runtime_env")))
+        if name not in self.deployed:
+            self._attached.add(name)
         return self._handle(config)
 
     def _refuse_if_managed(self, what: str) -> None:
@@ -296,6 +301,7 @@ class Cluster:
         as failed raises DeployError with Serve's own message, led by the fix when a module is missing.
         """
         config = config or AppConfig()
+        self._attached.discard(config.name)
         self._shipping[config.name] = Shipping.of(self.ship_package if ship_package is None else ship_package, pip)
         self.deploy_application(application(config))
         handle = self._handle(config)
@@ -379,7 +385,8 @@ class Cluster:
         self._put_applications(details, others + [application], refused=DeployError)
         if package is not None:
             self._sent_packages[name] = package
-        self.deployed.add(name)
+        if name not in self._attached:
+            self.deployed.add(name)
 
     def delete(self, app_name: str, timeout_s: float = 120.0) -> None:
         """Remove one application; the others, and Serve itself, keep running."""

@@ -166,6 +166,15 @@ class Shipping:
     def of(cls, package: bool, pip: PipSpec = None) -> Shipping:
         return cls(package=package, pip=_pip_entry(pip))
 
+    @classmethod
+    def of_running(cls, runtime_env: dict[str, Any] | None) -> Shipping:
+        """The shipping an application already running has: this package only if its runtime_env names it,
+        and its own pip list. Attaching to an app (a RayService's, whose image has the package) and then
+        reconfiguring it must not add a runtime_env it lacked: that would restart every replica."""
+        env = runtime_env or {}
+        ours = any(isinstance(m, str) and m.startswith(_URI_PREFIX) for m in env.get("py_modules") or [])
+        return cls(package=ours, pip=env.get("pip"))
+
     def apply(self, application: dict[str, Any], package: PackageZip | None) -> dict[str, Any]:
         """The Serve application entry with its runtime_env as `runtime_env` makes it (none when empty)."""
         runtime_env = self.runtime_env(application.get("runtime_env"), package)
