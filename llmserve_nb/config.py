@@ -15,6 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 LLM_POLICY = "llmserve_nb.server.autoscaling_policy:llm_policy"
 DEPLOYMENT_NAME = "LLMServer"
+# The transformers app's HTTP ingress in front of LLMServer when its router reads the prompt (see
+# DeploymentConfig.request_router): Serve's proxy hands a deployment only the ASGI scope, never the body.
+INGRESS_DEPLOYMENT_NAME = "LLMIngress"
+# Serve request routers (`request_router_config.request_router_class`), Ray's own for both backends.
+# Ray re-exports the prefix router as ray.serve.llm.request_router.PrefixCacheAffinityRouter, but importing
+# ray.serve.llm needs pyarrow (ray[llm]), which a [serve] replica does not have; this is the same class.
+REQUEST_ROUTER_CLASSES = {
+    "prefix_affinity": "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router.PrefixCacheAffinityRouter",
+    "session_affinity": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+}
+# The routers that choose a replica by the request's prompt: they need it in the handle call's arguments.
+PROMPT_ROUTERS = frozenset({"prefix_affinity"})
 EMBEDDED_MODEL = "smollm2"
 # The environment variable that holds the app's API key: replicas read it, manifests set it from a Secret,
 # handles send it. Both backends use the same name.
@@ -61,6 +73,20 @@ class EngineConfig(_Strict):
         description="The transformers engine on CPU: 'onednn' prepacks every Linear weight for oneDNN at load "
         "(a decode step 1.75-1.9x faster on a 2-core AVX-512 machine, same products to fp32 rounding; falls "
         "back to 'torch' where the dtype is unsupported); 'torch' keeps nn.Linear (MKL). Ignored on GPU.",
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="The transformers engine: reuse the KV of prompt prefixes it has already computed (vLLM's "
+        "automatic prefix caching: 16-token blocks named by chained hashes, kept in an LRU within "
+        "prefix_cache_mb), so a repeated system prompt or chat history is not prefilled again. Greedy output is "
+        "the same with it on or off. Ignored by the vLLM backend (use engine_kwargs there).",
+    )
+    prefix_cache_mb: float = Field(
+        256.0,
+        ge=0,
+        le=1 << 20,
+        description="Memory budget of the prefix cache per replica, in MiB (least recently used blocks are evicted "
+        "past it); 0 turns prefix caching off. SmolLM2-135M in fp32 holds 45 KiB per token: 256 MiB is ~5800 tokens.",
     )
     cache_dir: str | None = Field(None, description="Where the converted safetensors copy of a GGUF lives.")
     trust_remote_code: bool = False
@@ -167,6 +193,19 @@ class DeploymentConfig(_Strict):
         description="A request still generating after this long ends with HTTP 504 (in-band for a stream) and "
         "its row is aborted. None = no limit. Travels in user_config: changes apply in place.",
     )
+    request_router: Literal["power_of_two", "prefix_affinity", "session_affinity"] = Field(
+        "power_of_two",
+        description="How Serve picks a replica for each request, for 2+ replicas. 'power_of_two': Serve's default, "
+        "the less loaded of two random replicas (best with no shared prompts). 'prefix_affinity': Ray's "
+        "PrefixCacheAffinityRouter, which sends a prompt to the replica that already served the longest part of "
+        "it, so its prefix cache holds it: helps when many requests share long prefixes (system prompts, "
+        "few-shot examples, documents) and one replica's cache cannot hold them all; the transformers app then "
+        "gets a thin ingress deployment that parses the body for it (one more hop per request). "
+        "'session_affinity': Ray's ConsistentHashRouter, every request with the same `x-session-id` header on "
+        "one replica (multi-turn chat, whose turns share the conversation so far); no header, no affinity. "
+        "A change needs a fresh deploy (delete the app, deploy it again): Serve 2.60 makes a deployment's router "
+        "once per caller (its proxies, an ingress) and keeps it through updates.",
+    )
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     max_surge_percent: int | None = Field(
@@ -218,6 +257,33 @@ class DeploymentConfig(_Strict):
     def graceful_shutdown_options(self) -> dict[str, float]:
         return {"graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
                 "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s}
+
+    def request_router_config(self) -> dict[str, Any] | None:
+        """Serve's `request_router_config` for the model deployment; None for Serve's default router."""
+        cls = REQUEST_ROUTER_CLASSES.get(self.request_router)
+        return None if cls is None else {"request_router_class": cls}
+
+    @property
+    def routes_by_prompt(self) -> bool:
+        """The router reads the prompt: the transformers app then puts LLMIngress in front of LLMServer."""
+        return self.request_router in PROMPT_ROUTERS
+
+    def ingress_options(self, max_ongoing_requests: int, max_queued_requests: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The transformers app with a prompt router: (LLMIngress's options, what changes in LLMServer's).
+        Admission moves to the HTTP edge, as in Ray Serve LLM's app: the ingress admits the model's whole
+        capacity and queues `max_queued_requests` more before backpressure; LLMServer's queue is unbounded,
+        because a refusal at the inner hop would reach the client as an error, not as backpressure."""
+        ingress: dict[str, Any] = {
+            "num_replicas": 1,
+            "autoscaling_config": None,
+            "max_ongoing_requests": max_ongoing_requests * self.most_replicas,
+            "max_queued_requests": max_queued_requests,
+            "backpressure_config": self.backpressure_config(),
+            # It parses a body and relays messages: no CPU of its own, so it fits beside the replicas.
+            "ray_actor_options": {"num_cpus": 0},
+            **self.graceful_shutdown_options(),
+        }
+        return ingress, {"max_queued_requests": -1}
 
 
 class AppConfig(_Strict):

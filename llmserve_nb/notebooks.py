@@ -32,7 +32,7 @@ SHARED_NOTEBOOKS = Path("share") / "llmserve-nb" / "notebooks"
 # The main job: what `make demo` runs, in order. Each notebook starts and stops its own Ray (an embedded one;
 # 06 a head with the autoscaler, on its own ports).
 DEFAULT_NOTEBOOKS = ("00_quickstart", "01_connect_cluster", "02_tune_autoscaling", "03_benchmark", "04_reliability", "05_rollout",
-                     "06_cluster_autoscaling")
+                     "06_cluster_autoscaling", "07_capacity_plan")
 
 
 def _jsonable(o: Any) -> Any:

@@ -18,13 +18,16 @@ per replica; "llm" (`llmserve_nb.server.autoscaling_policy`) keeps requests wait
 targets. The targets of either change in place; switching the policy itself restarts the replicas (Serve
 hashes the policy into the code version), which the status line says before Apply. vLLM apps have Serve's
 default policy only.
+
+The request router (`DeploymentConfig.request_router`) is shown; Apply declines a change of it with a note,
+since Serve keeps a deployment's router through updates: it needs the app deleted and deployed again.
 """
 from __future__ import annotations
 
 import html
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, get_args
 
 import ipywidgets as W
 
@@ -32,7 +35,7 @@ from llmserve_nb.backends import backend_for
 from llmserve_nb.bench import Timeline, run_observed
 from llmserve_nb.cluster import AppHandle, ClusterError
 from llmserve_nb.cluster.status import AppStatus
-from llmserve_nb.config import AutoscalingConfig, ConfigError
+from llmserve_nb.config import AutoscalingConfig, ConfigError, DeploymentConfig
 from llmserve_nb.experiments.autoscaling import load_and_watch
 
 __all__ = ["ReplicaSample", "ServeTuner", "VLLM_BATCHING_NOTE"]
@@ -98,6 +101,10 @@ class ServeTuner:
                                            description="target_ttft_s (llm)", style=style, layout=layout)
         self.target_waiting_requests = W.FloatSlider(value=auto.target_waiting_requests, min=0.5, max=64, step=0.5,
                                                      description="target_waiting (llm)", style=style, layout=layout)
+        # How Serve picks a replica (DeploymentConfig.request_router, whose description says when each helps).
+        self.request_router = W.Dropdown(options=list(get_args(DeploymentConfig.model_fields["request_router"].annotation)),
+                                         value=cfg.deployment.request_router, description="request_router",
+                                         style=style, layout=layout)
         self.apply_button = W.Button(description="Apply", button_style="primary", icon="check")
         self.load_concurrency = W.IntSlider(value=8, min=1, max=64, description="load: concurrent users", style=style,
                                             layout=layout)
@@ -122,6 +129,7 @@ class ServeTuner:
         self.load_button.on_click(lambda _: self._guarded(self.run_load))
         self.autoscaling.observe(lambda _: self._sync_enabled(), names="value")
         self.policy.observe(lambda _: self._sync_enabled(), names="value")
+        self.request_router.observe(lambda _: self._sync_enabled(), names="value")
         self._sync_enabled()
         self.refresh()
 
@@ -156,6 +164,7 @@ class ServeTuner:
         else:
             changes["deployment.autoscaling"] = None
             changes["deployment.num_replicas"] = max(hi, 1)
+        changes["deployment.request_router"] = self.request_router.value
         if self.live_batching and self.app.config.deployment.max_ongoing_requests is not None:
             # An explicit cap below the new batch size would make the config invalid; raise it with the batch.
             changes["deployment.max_ongoing_requests"] = max(
@@ -166,6 +175,9 @@ class ServeTuner:
     def apply(self) -> None:
         """Send the new config; Serve reconfigures replicas in place (batching, autoscaling, replica count)."""
         cfg = self.config()
+        if (note := self._redeploy_needed(cfg.deployment.request_router)) is not None:
+            self._decline(note)
+            return
         self._show(f"applying {html.escape(_summary(cfg))} …")
         self.app.update(cfg, progress=None)
         self.refresh(note="applied")
@@ -272,7 +284,8 @@ class ServeTuner:
                     else f"vLLM engine (max_num_seqs={self.app.config.engine.max_num_seqs})")
         self._show(
             f"<b>{html.escape(self.app.name)}</b>: {html.escape(st.status)} · replicas "
-            f"{len(dep.running)} running / target {dep.target_replicas} · batching "
+            f"{len(dep.running)} running / target {dep.target_replicas} · router "
+            f"{html.escape(self.app.config.deployment.request_router)} · batching "
             + html.escape(batching)
             + (f" · <i>{html.escape(note)}</i>" if note else "")
         )
@@ -306,6 +319,17 @@ class ServeTuner:
         if on and current is not None and current.policy != self.policy.value:
             self._show(f"<i>policy {html.escape(current.policy)} → {html.escape(self.policy.value)}: Apply restarts "
                        "the replicas (Serve hashes the policy into the code version); targets change in place</i>")
+        if (note := self._redeploy_needed(self.request_router.value)) is not None:
+            self._show(f"<i>{html.escape(note)}</i>")
+
+    def _redeploy_needed(self, new: str) -> str | None:
+        """Why Apply cannot send `cfg` as an update: Serve 2.60 makes a deployment's request router once per
+        caller (its proxies, an ingress) and keeps it through updates, so a new router needs a fresh deploy."""
+        old = self.app.config.deployment.request_router
+        if old == new:
+            return None
+        return (f"request_router {old} → {new}: Serve keeps the router its proxies made through an update; "
+                "delete the app (app.shutdown()) and deploy it again with this router. Apply does not send it")
 
     def replica_peaks(self) -> dict[str, int]:
         """The most replicas `history` saw running, and the highest target Serve set."""
@@ -338,7 +362,7 @@ class ServeTuner:
             W.HTML("<b>Batching</b> (Serve user_config: replicas keep running)"),
             self.max_batch_size, self.batch_wait_timeout_s, self.batching_note,
             W.HTML("<b>Replicas</b>"), self.autoscaling, self.replicas, self.policy, self.target_ongoing_requests,
-            self.target_ttft_s, self.target_waiting_requests,
+            self.target_ttft_s, self.target_waiting_requests, self.request_router,
             self.apply_button,
             W.HTML("<b>Load</b>"), self.load_concurrency, self.load_seconds, self.load_button, self.load_status,
             self.status,
@@ -356,6 +380,7 @@ def _summary(cfg) -> str:
     target = (f"llm policy @ ttft {a.target_ttft_s:g}s / waiting {a.target_waiting_requests:g}" if a and a.policy == "llm"
               else f"@ {a.target_ongoing_requests:g}" if a else "")
     reps = f"autoscaling {a.min_replicas}-{a.max_replicas} {target}" if a else f"{d.num_replicas} replicas"
+    reps += f", router {d.request_router}"
     backend = backend_for(cfg)
     if not backend.live_batching:
         return f"{backend.name} engine batching, {reps}"

@@ -371,6 +371,23 @@ def test_update_of_autoscaling_only_waits_until_serve_echoes_it(dashboard, fake_
     assert echoed["max_replicas"] == 3
 
 
+def test_a_change_of_request_router_deletes_the_app_first_and_other_updates_stay_in_place(dashboard, fake_app):
+    # Serve 2.60 keeps a deployment's router through in-place updates (see Cluster.deploy_application).
+    cluster = Cluster(dashboard.url, fake_app.url, kind="address", how="test")
+    handle = cluster.deploy(AppConfig(), progress=None)
+
+    def puts() -> list[list[str]]:
+        return [[a["name"] for a in body["applications"]] for method, path, body in
+                ((r[0], r[1], r[-1]) for r in dashboard.requests) if method == "PUT" and path.startswith("/api/serve")]
+
+    handle.update(AppConfig().with_overrides(**{"batching.max_batch_size": 4}), timeout_s=10)
+    assert puts() == [["llm"], ["llm"]]  # batching: one PUT, in place
+    handle.update(AppConfig().with_overrides(**{"deployment.request_router": "prefix_affinity"}), timeout_s=10)
+    assert puts() == [["llm"], ["llm"], [], ["llm"]]  # the router: the app removed, then deployed afresh
+    deployed = dashboard.apps["llm"]["deployed_app_config"]["deployments"]
+    assert any(d.get("request_router_config") for d in deployed)
+
+
 def test_status_runs_compares_args_and_every_key_of_our_deployment_entry():
     config = AppConfig().with_overrides(**{"deployment.autoscaling": {"min_replicas": 1, "max_replicas": 2}})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmserve_nb.config import LLM_POLICY, AppConfig, AutoscalingConfig
+from llmserve_nb.config import LLM_POLICY, REQUEST_ROUTER_CLASSES, AppConfig, AutoscalingConfig, ConfigError
 
 __all__ = [
     "GRACEFUL_SHUTDOWN_FIELDS",
@@ -18,6 +18,7 @@ __all__ = [
     "backpressure_fields",
     "copied_fields",
     "replica_fields",
+    "router_fields",
     "with_derived_limits",
 ]
 
@@ -59,6 +60,32 @@ def backpressure_fields(entry: dict[str, Any]) -> dict[str, Any]:
     if backpressure.get("retry_after_s") is not None:
         fields["retry_after_s"] = backpressure["retry_after_s"]
     return fields
+
+
+# Other spellings of the routers this package renders: Serve's own default path, and Ray's public re-export
+# of the prefix router (the same router; see config.REQUEST_ROUTER_CLASSES).
+_ROUTER_ALIASES = {
+    "ray.serve._private.request_router.PowerOfTwoChoicesRequestRouter": "power_of_two",
+    "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter": "power_of_two",
+    "ray.serve.llm.request_router.PrefixCacheAffinityRouter": "prefix_affinity",
+    **{path: name for name, path in REQUEST_ROUTER_CLASSES.items()},
+}
+
+
+def router_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    """`request_router` of a `deployments:` entry: the inverse of `DeploymentConfig.request_router_config`.
+    A router this package does not render is refused rather than dropped, so that an update from the
+    AppConfig never replaces it silently."""
+    cls = (entry.get("request_router_config") or {}).get("request_router_class")
+    if not cls:
+        return {}
+    name = _ROUTER_ALIASES.get(cls.replace(":", "."))  # Serve takes "module.Class" and "module:Class"
+    if name is None:
+        raise ConfigError(
+            f"request_router_config.request_router_class={cls!r} is not a router llmserve_nb renders "
+            f"({', '.join(sorted(set(_ROUTER_ALIASES.values())))})"
+        )
+    return {"request_router": name}
 
 
 def with_derived_limits(config: AppConfig) -> AppConfig:

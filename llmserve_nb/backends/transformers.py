@@ -17,9 +17,10 @@ from llmserve_nb.backends.serve_options import (
     backpressure_fields,
     copied_fields,
     replica_fields,
+    router_fields,
     with_derived_limits,
 )
-from llmserve_nb.config import DEPLOYMENT_NAME, AppConfig, ConfigError, nest_dotted
+from llmserve_nb.config import DEPLOYMENT_NAME, INGRESS_DEPLOYMENT_NAME, AppConfig, ConfigError, nest_dotted
 from llmserve_nb.observability.promql import METRIC_NAMES, PREFIX
 
 if TYPE_CHECKING:
@@ -59,12 +60,26 @@ class TransformersBackend(Backend):
             )
 
     def application(self, config: AppConfig) -> dict[str, Any]:
+        """With a router that reads the prompt (`server.router`), `args` say so (`build_app` then puts
+        LLMIngress in front of LLMServer) and LLMIngress has its own entry; any other router is only
+        LLMServer's `request_router_config`, read by Serve's proxies."""
+        d = config.deployment
+        args = config.build_args()
+        server = {"name": DEPLOYMENT_NAME, **config.deployment_options()}
+        if (router := d.request_router_config()) is not None:
+            server["request_router_config"] = router
+        deployments = [server]
+        if d.routes_by_prompt:
+            args["deployment"] = {"request_router": d.request_router}
+            ingress, server_overrides = d.ingress_options(config.max_ongoing_requests, config.max_queued_requests)
+            server.update(server_overrides)
+            deployments.append({"name": INGRESS_DEPLOYMENT_NAME, **ingress})
         app: dict[str, Any] = {
             "name": config.name,
             "route_prefix": config.route_prefix,
             "import_path": self.import_path,
-            "args": config.build_args(),
-            "deployments": [{"name": DEPLOYMENT_NAME, **config.deployment_options()}],
+            "args": args,
+            "deployments": deployments,
         }
         if config.runtime_env:
             app["runtime_env"] = config.runtime_env
@@ -81,9 +96,11 @@ class TransformersBackend(Backend):
         data.update(name=app.get("name", data.get("name", "llm")), route_prefix=app.get("route_prefix", "/"))
         if app.get("runtime_env"):
             data["runtime_env"] = app["runtime_env"]
-        entry = {d.get("name"): d for d in app.get("deployments") or []}.get(DEPLOYMENT_NAME, {})
+        entries = {d.get("name"): d for d in app.get("deployments") or []}
+        entry = entries.get(DEPLOYMENT_NAME, {})
         user_config = dict(entry.get("user_config") or {})
         deployment = dict(data.get("deployment") or {})
+        routed_by_prompt = deployment.get("request_router")
         if "request_timeout_s" in user_config:
             deployment["request_timeout_s"] = user_config.pop("request_timeout_s")
         targets = user_config.pop("autoscaling_targets", None)
@@ -93,12 +110,24 @@ class TransformersBackend(Backend):
         deployment.update(replica_fields(entry, targets))
         deployment.update(backpressure_fields(entry))
         deployment.update(copied_fields(entry.get("ray_actor_options") or {}, _ACTOR_FIELDS))
+        deployment.update(router_fields(entry))
+        if routed_by_prompt:
+            # Admission is LLMIngress's then (see DeploymentConfig.ingress_options).
+            ingress = entries.get(INGRESS_DEPLOYMENT_NAME, {})
+            deployment.pop("max_queued_requests", None)
+            deployment.update(copied_fields(ingress, ("max_queued_requests",)))
+            deployment.update(backpressure_fields(ingress))
+            if deployment.get("request_router", routed_by_prompt) != routed_by_prompt:
+                raise ConfigError(
+                    f"application {app.get('name')!r}: args say request_router={routed_by_prompt!r} but "
+                    f"{DEPLOYMENT_NAME} runs {deployment['request_router']!r}"
+                )
         if deployment:
             data["deployment"] = deployment
         return with_derived_limits(AppConfig.from_args(data))
 
     def deployment_names(self, config: AppConfig) -> list[str]:
-        return [DEPLOYMENT_NAME]
+        return [DEPLOYMENT_NAME, INGRESS_DEPLOYMENT_NAME] if config.deployment.routes_by_prompt else [DEPLOYMENT_NAME]
 
     def engine_selector(self, config: AppConfig) -> str:
         # This engine's metrics carry Serve's application label.

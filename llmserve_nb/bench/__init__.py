@@ -2,7 +2,8 @@
 
 Drives `POST {url}/v1/completions` (or `/v1/chat/completions`) over HTTP with httpx/asyncio, in a
 closed loop (a fixed number of concurrent users, each sending its next request when the previous one
-ends) or an open loop (Poisson arrivals at a fixed rate, seeded). Every run is bounded by a request
+ends), an open loop (arrivals at a fixed mean rate, Poisson or gamma with a burstiness, seeded), or a
+trace replay (each request at its timestamp from a JSONL file). Every run is bounded by a request
 count AND a duration, so it always stops by itself.
 
 Metric definitions (the same as vLLM `benchmark_serving`, LLMPerf and GuideLLM):
@@ -35,6 +36,21 @@ Metric definitions (the same as vLLM `benchmark_serving`, LLMPerf and GuideLLM):
 - **dropped**: streaming requests whose client hung up on purpose after k text chunks
   (`Workload.drop_fraction`, `drop_after_chunks`), as impatient users do. They are neither errors
   nor completed, and are left out of every latency percentile.
+- **SLO and goodput** (`SLO`, vLLM's `--goodput` and GuideLLM's definition): a request is *good*
+  when it completed ok and meets every bound the SLO sets: TTFT, TPOT (where defined: it does not
+  apply to a one-token or unstreamed answer, as vLLM counts their TPOT as 0), ITL (every chunk gap
+  of the request) and e2e. `good_requests` counts them; `goodput_req_per_s` = good requests /
+  duration and `goodput_tok_per_s` = output tokens of good requests / duration (the same duration as
+  throughput). `slo_attainment` = good / `slo_requests`, where `slo_requests` counts the requests
+  that ended, ok or with an error (timeouts included): errors count as not good, while dropped
+  clients (they left on purpose) and requests cut by the run's end (never finished, so never judged)
+  are left out; 0 when no request ended. `slo_met` = attainment >= `SLO.attainment` (default 0.99).
+  The summary has these keys only for a run with an SLO; without one they are absent, never NaN.
+- **arrivals** (open loop): request 0 at the start, then independent gaps: exponential of mean
+  1/rate (Poisson), or gamma with shape = burstiness and scale = 1/(rate * burstiness) (vLLM's
+  `--burstiness`: the same mean, coefficient of variation 1/sqrt(burstiness); burstiness 1 draws the
+  Poisson schedule). Requests due after the duration are not sent. A trace replay's `rate` is its mean
+  rate, (requests - 1) / time span.
 - **per-window** figures (`BenchRun.windows`, the soak report): requests belong to the window in
   which they ended; `streamed_tok_per_s` of a window counts every token streamed in it (a completed
   request's usage spread evenly over its chunks; a dropped or cut one at the completed requests'
@@ -44,21 +60,27 @@ Workloads: the fixed-length one sends `ignore_eos: true` and `max_tokens` so eve
 the same number of tokens; a server may ignore `ignore_eos`, so the actual output token count is
 measured, and `short_outputs` counts the completed requests that returned fewer tokens than asked
 for. `mixed_workload()` draws `max_tokens` per request from a seeded log-uniform distribution over
-16–512 and honours EOS, so requests also end early; see `Workload`.
+16–512 and honours EOS, so requests also end early; see `Workload`. `Workload(shared_prefix_tokens=N,
+num_prefixes=k)` is the prefix-repetition workload (vLLM's `prefix_repetition`): each prompt is one of k
+seeded N-token prefixes followed by its own `input_tokens`, for prefix caches and prefix-aware routing.
 
-Modules: `workload` (what to send), `client` (one request over HTTP/SSE), `runner` (load patterns:
-`run_benchmark`, `sweep`, `soak`), `results` (per-request records and aggregates), `report` (tables,
-ratios, config comparison), `plots`, `cli` (`llmserve-nb bench`), and `observe` (`run_observed`: a load
-with the app sampled and actions fired meanwhile, the harness every experiment runs on).
+Modules: `workload` (what to send), `arrivals` (open-loop schedules), `slo` (the SLO and what is good),
+`client` (one request over HTTP/SSE), `runner` (load patterns: `run_benchmark`, `sweep`, `soak`), `trace`
+(`load_trace`, `replay`), `results` (per-request records and aggregates), `report` (tables, ratios,
+config comparison), `plots`, `cli` (`llmserve-nb bench`), and `observe` (`run_observed`: a load with the
+app sampled and actions fired meanwhile, the harness every experiment runs on).
 """
 from __future__ import annotations
 
+from llmserve_nb.bench.arrivals import arrival_times
 from llmserve_nb.bench.cli import add_cli
 from llmserve_nb.bench.observe import Action, Event, Timeline, run_observed
 from llmserve_nb.bench.results import ERROR_KINDS, SHORT_OUTPUT_TOKENS, BenchReport, BenchRun, RequestResult
-from llmserve_nb.bench.plots import plot_latency_cdf, plot_throughput_latency, plot_ttft_vs_concurrency
+from llmserve_nb.bench.plots import plot_goodput, plot_latency_cdf, plot_throughput_latency, plot_ttft_vs_concurrency
 from llmserve_nb.bench.report import compare_configs, ratio_table, soak_table, to_markdown
 from llmserve_nb.bench.runner import run_benchmark, soak, sweep
+from llmserve_nb.bench.slo import SLO
+from llmserve_nb.bench.trace import TraceRequest, load_trace, replay
 from llmserve_nb.bench.workload import Workload, make_prompts, mixed_workload
 
 __all__ = [
@@ -71,15 +93,21 @@ __all__ = [
     "BenchReport",
     "BenchRun",
     "RequestResult",
+    "SLO",
+    "TraceRequest",
     "Workload",
     "add_cli",
+    "arrival_times",
     "compare_configs",
+    "load_trace",
     "make_prompts",
     "mixed_workload",
+    "plot_goodput",
     "plot_latency_cdf",
     "plot_throughput_latency",
     "plot_ttft_vs_concurrency",
     "ratio_table",
+    "replay",
     "run_benchmark",
     "soak",
     "soak_table",

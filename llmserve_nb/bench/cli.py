@@ -1,13 +1,17 @@
-"""`llmserve-nb bench`: a sweep (closed or open loop) or a soak against any OpenAI-compatible server."""
+"""`llmserve-nb bench`: a sweep (closed or open loop), a trace replay or a soak against any OpenAI-compatible
+server, with goodput under an SLO."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from llmserve_nb.config import API_KEY_ENV
+from llmserve_nb.bench.arrivals import ARRIVALS, arrival_times
 from llmserve_nb.bench.results import ERROR_KINDS
-from llmserve_nb.bench.report import SUMMARY_COLUMNS, soak_table, to_markdown
+from llmserve_nb.bench.report import soak_table, summary_columns, to_markdown
 from llmserve_nb.bench.runner import soak, sweep
+from llmserve_nb.bench.slo import SLO
 from llmserve_nb.bench.workload import Length, Workload
 
 _SOAK_COLUMNS = ("window", "completed", "errors", "dropped", "streamed_tok_per_s", "tpot_ms_p50", "tpot_vs_first",
@@ -29,12 +33,20 @@ def _length(s: str) -> Length:
     return int(s)
 
 
+def _slo(s: str) -> SLO:
+    try:
+        return SLO.parse(s)
+    except ValueError as e:  # argparse prints an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
         help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, e2e, tok/s)",
-        description="Closed-loop sweep over --concurrency levels, open loop at --rate req/s (Poisson), "
-                    "or --soak MINUTES at the first concurrency level with a per-window table.",
+        description="Closed-loop sweep over --concurrency levels, open loop at --rate req/s (Poisson, or gamma "
+                    "with --burstiness), a --trace replay, or --soak MINUTES at the first concurrency level with "
+                    "a per-window table. --slo adds goodput: requests (and tokens) per second that met it.",
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL, without /v1")
     p.add_argument("--model", help="model name to send (default: first id of GET /v1/models)")
@@ -42,7 +54,17 @@ def add_cli(subparsers) -> None:
                    help=f"sent as 'Authorization: Bearer' (default: ${API_KEY_ENV})")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=_ints, default=[1, 8, 32], help="comma list, e.g. 1,8,32")
-    load.add_argument("--rate", type=_floats, help="comma list of Poisson arrival rates in req/s (open loop)")
+    load.add_argument("--rate", type=_floats, help="comma list of arrival rates in req/s (open loop)")
+    load.add_argument("--trace", metavar="FILE.jsonl",
+                      help="replay a trace: one JSON object per line with timestamp (s), input_tokens, "
+                           "output_tokens, optional prompt")
+    p.add_argument("--arrival", choices=ARRIVALS, default=None,
+                   help="open-loop gaps: poisson (default), or gamma with --burstiness")
+    p.add_argument("--burstiness", type=float, default=None,
+                   help="gamma shape (vLLM's): 1 = Poisson, < 1 burstier, > 1 more even; implies --arrival gamma")
+    p.add_argument("--time-scale", type=float, default=1.0, help="--trace timestamps are multiplied by this")
+    p.add_argument("--slo", type=_slo, metavar="SPEC",
+                   help="per-request bounds for goodput, e.g. ttft=1s,tpot=100ms,e2e=10s,attainment=99%%")
     p.add_argument("--requests", type=int, default=32, help="requests per level (the soak's upper bound)")
     p.add_argument("--duration", type=float, default=300.0, help="seconds per level before in-flight requests are cut")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
@@ -54,6 +76,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--drop-fraction", type=float, default=0.0,
                    help="share of streaming requests whose client hangs up early (counted as dropped)")
     p.add_argument("--drop-after", type=_length, default=4, help="text chunks before a dropping client hangs up")
+    p.add_argument("--shared-prefix-tokens", type=int, default=0,
+                   help="prefix-repetition workload: each prompt starts with one of --num-prefixes shared "
+                        "prefixes of N tokens, then its own --input-tokens")
+    p.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes (with --shared-prefix-tokens)")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--no-stream", action="store_true", help="ask for plain JSON responses")
     p.add_argument("--no-ignore-eos", action="store_true", help="let generation stop at EOS")
@@ -77,30 +103,58 @@ def _workload(args) -> Workload:
         duration_s=args.duration, timeout_s=args.timeout, endpoint=args.endpoint, stream=not args.no_stream,
         ignore_eos=not (args.no_ignore_eos or mixed), seed=args.seed,
         drop_fraction=args.drop_fraction, drop_after_chunks=args.drop_after,
+        shared_prefix_tokens=args.shared_prefix_tokens, num_prefixes=args.num_prefixes,
     )
+
+
+def _arrival(args) -> tuple[str, float]:
+    """(arrival, burstiness) from the flags: a burstiness alone means gamma."""
+    arrival = args.arrival or ("gamma" if args.burstiness is not None else "poisson")
+    return arrival, 1.0 if args.burstiness is None else args.burstiness
 
 
 def _cli_bench(args) -> int:
     from llmserve_nb.bench.results import BenchReport
+    from llmserve_nb.bench.trace import load_trace, replay
 
-    wl = _workload(args)
+    try:  # bad flags or an unreadable trace: a message before any request, not a traceback
+        wl = _workload(args)
+        arrival, burstiness = _arrival(args)
+        if (args.arrival or args.burstiness is not None) and not args.rate:
+            raise ValueError("--arrival and --burstiness shape an open loop: give --rate")
+        if args.soak is not None and (args.rate or args.trace):
+            raise ValueError("--soak is a closed loop; give --concurrency, not --rate or --trace")
+        for rate in args.rate or ():
+            arrival_times(0, rate, arrival, burstiness)
+        if not args.time_scale > 0:
+            raise ValueError(f"--time-scale must be > 0, got {args.time_scale}")
+        trace = load_trace(args.trace) if args.trace else None
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.soak is not None:
-        if args.rate:
-            print("error: --soak is a closed loop; give --concurrency, not --rate", file=sys.stderr)
-            return 2
         run = soak(args.url, wl, duration_s=args.soak * 60, concurrency=args.concurrency[0], model=args.model,
-                   label=args.label, progress=not args.no_progress, api_key=args.api_key)
+                   label=args.label, progress=not args.no_progress, api_key=args.api_key, slo=args.slo)
         report = BenchReport([run])
         table = soak_table(run, args.window)
         print(to_markdown(table, _SOAK_COLUMNS))
         print(f"\nTPOT p50, last window / first: {table['tpot_vs_first'].iloc[-1]:.2f}")
+    elif trace is not None:
+        report = BenchReport([replay(args.url, trace, wl, time_scale=args.time_scale, model=args.model,
+                                     label=args.label, progress=not args.no_progress, api_key=args.api_key,
+                                     slo=args.slo)])
     else:
         report = sweep(
             args.url, wl, concurrency=None if args.rate else args.concurrency, rates=args.rate, model=args.model,
             label=args.label, warmup=args.warmup, progress=not args.no_progress, api_key=args.api_key,
+            slo=args.slo, arrival=arrival, burstiness=burstiness,
         )
     summary = report.summary()
-    print(to_markdown(summary, SUMMARY_COLUMNS))
+    print(to_markdown(summary, summary_columns(summary)))
+    if args.slo is not None:
+        print(f"\nSLO {args.slo}: " + "; ".join(
+            f"{_level(row)} {'met' if row['slo_met'] else 'MISSED'} ({row['slo_attainment']:.1%} good)"
+            for _, row in summary.iterrows()))
     if args.out:
         paths = report.save(args.out)
         print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
@@ -113,3 +167,12 @@ def _cli_bench(args) -> int:
         print(f"error: no request to {args.url} completed", file=sys.stderr)
         return 1
     return 0
+
+
+def _level(row) -> str:
+    """How a summary row was driven: "c=8", "poisson 2 req/s", "trace 0.5 req/s"."""
+    import pandas as pd
+
+    if pd.notna(row["concurrency"]):
+        return f"c={row['concurrency']:g}"
+    return f"{row['arrival']} {row['rate']:g} req/s" if pd.notna(row["rate"]) else str(row["arrival"])

@@ -69,3 +69,38 @@ def plot_ttft_vs_concurrency(results, ax=None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_goodput(report, ax=None):
+    """Goodput req/s (solid, left axis) and SLO attainment (dashed, right axis) against rate or concurrency.
+
+    One colour per label; the dotted line on the right axis is the SLO's target attainment. Needs runs
+    with an SLO (`slo=` in `sweep`, `compare_configs` or `run_benchmark`).
+    """
+    import matplotlib.pyplot as plt
+
+    df = _summary_of(report)
+    if "goodput_req_per_s" not in df.columns:
+        raise ValueError("no goodput in these runs: run them with slo=SLO(...)")
+    df = df[df["goodput_req_per_s"].notna()]
+    ax = ax or plt.subplots(figsize=(6, 4))[1]
+    right = ax.twinx()
+    level = "rate" if df["concurrency"].isna().all() else "concurrency"
+    for label, g in df.groupby("label", sort=False):
+        g = g.sort_values(level)
+        (line,) = ax.plot(g[level], g["goodput_req_per_s"], marker="o", label=f"{label} goodput")
+        right.plot(g[level], g["slo_attainment"], ls="--", marker=".", color=line.get_color(),
+                   label=f"{label} attainment")
+    if isinstance(report, BenchReport):
+        for target in sorted({run.slo.attainment for run in report.runs if run.slo is not None}):
+            right.axhline(target, ls=":", color="grey", label=f"target {target:.0%}")
+    ax.set_xlabel("offered rate (req/s)" if level == "rate" else "concurrency")
+    ax.set_ylabel("goodput (req/s)")
+    right.set_ylabel("SLO attainment")
+    right.set_ylim(0, 1.05)
+    ax.set_title(f"goodput vs {level}")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    extra = right.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8)
+    return ax

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
+from llmserve_nb.bench.slo import SLO
 from llmserve_nb.bench.workload import Workload
 from llmserve_nb.stats import percentile
 
@@ -73,7 +74,12 @@ def _ms(values: Sequence[float]) -> list[float]:
 
 @dataclass
 class BenchRun:
-    """One run at one load level: per-request results plus how it was driven."""
+    """One run at one load level: per-request results plus how it was driven.
+
+    `rate` is the open loop's mean arrival rate (for a trace replay, the trace's: requests - 1 over its
+    time span), `arrival` how requests arrived ("poisson", "gamma" with `burstiness`, "trace"; None for
+    a closed loop), `slo` the objective the summary reports goodput against (None: no goodput keys).
+    """
 
     label: str
     url: str
@@ -83,9 +89,37 @@ class BenchRun:
     rate: float | None
     duration_s: float
     results: list[RequestResult]
+    slo: SLO | None = None
+    arrival: str | None = None
+    burstiness: float | None = None
+
+    def goodput(self, slo: SLO | None = None) -> dict[str, Any]:
+        """Goodput against `slo` (default: the run's own); see the package docstring.
+
+        Keys: `good_requests`, `slo_requests` (the attainment's denominator: the requests that ended ok
+        or with an error; dropped clients and requests cut by the run's end are left out), `goodput_req_per_s`,
+        `goodput_tok_per_s` (output tokens of good requests / duration), `slo_attainment` (good /
+        slo_requests, in [0, 1]; 0 when no request ended) and `slo_met` (attainment >= `slo.attainment`).
+        """
+        slo = slo or self.slo
+        if slo is None:
+            raise ValueError("no SLO: pass one, or run with slo=SLO(...)")
+        ended = [r for r in self.results if r.status in ("ok", "error")]
+        good = [r for r in ended if slo.good(r)]
+        dur = self.duration_s if self.duration_s > 0 else math.nan
+        attainment = len(good) / len(ended) if ended else 0.0
+        return {
+            "slo": str(slo),
+            "good_requests": len(good),
+            "slo_requests": len(ended),
+            "goodput_req_per_s": len(good) / dur,
+            "goodput_tok_per_s": sum(r.output_tokens for r in good) / dur,
+            "slo_attainment": attainment,
+            "slo_met": bool(ended) and attainment >= slo.attainment,
+        }
 
     def summary(self) -> dict[str, Any]:
-        """Aggregates (latencies in ms). See the package docstring for each definition."""
+        """Aggregates (latencies in ms); with an SLO, also the `goodput()` keys. See the package docstring."""
         ok = [r for r in self.results if r.status == "ok"]
         err = [r for r in self.results if r.status == "error"]
         dur = self.duration_s if self.duration_s > 0 else math.nan
@@ -94,6 +128,7 @@ class BenchRun:
             "label": self.label,
             "concurrency": self.concurrency,
             "rate": self.rate,
+            "arrival": self.arrival,
             "requests": len(self.results),
             "completed": len(ok),
             "errors": len(err),
@@ -127,6 +162,8 @@ class BenchRun:
         for name, group in (("short", short), ("long", long_)):
             ms = _ms([r.e2e_s for r in group])
             s[f"{name}_e2e_ms_p50"], s[f"{name}_e2e_ms_p99"] = percentile(ms, 50), percentile(ms, 99)
+        if self.slo is not None:
+            s.update(self.goodput())
         s["error_example"] = next((f"{r.error_kind}: {r.error}" for r in err), "")
         return s
 
@@ -177,6 +214,8 @@ class BenchRun:
         df.insert(0, "label", self.label)
         df.insert(1, "concurrency", self.concurrency)
         df.insert(2, "rate", self.rate)
+        if self.slo is not None and len(df):
+            df["good"] = [self.slo.good(r) for r in self.results]
         return df
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +225,9 @@ class BenchRun:
             "model": self.model,
             "concurrency": self.concurrency,
             "rate": self.rate,
+            "arrival": self.arrival,
+            "burstiness": self.burstiness,
+            "slo": asdict(self.slo) if self.slo is not None else None,
             "workload": asdict(self.workload),
             "summary": self.summary(),
             "requests": [asdict(r) for r in self.results],

@@ -1,34 +1,30 @@
-"""Load patterns: a closed loop (concurrent users), an open loop (Poisson arrivals), sweeps and soaks."""
+"""Load patterns: a closed loop (concurrent users), an open loop (Poisson or gamma arrivals), sweeps and soaks."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import dataclasses
-import random
 import time
 from typing import Any, Iterable
 
+from llmserve_nb.bench.arrivals import Arrival, arrival_times
 from llmserve_nb.bench.client import discover_model, make_client, send_one
 from llmserve_nb.bench.results import BenchReport, BenchRun, RequestResult
+from llmserve_nb.bench.slo import SLO
 from llmserve_nb.bench.workload import Workload
 
 
-async def _arun(url, wl: Workload, concurrency, rate, model, label, progress, tokenizer, arrival_seed, api_key) -> BenchRun:
+async def _arun(url, wl: Workload, items: list[tuple[str, int, int]], concurrency: int | None,
+                schedule: list[float] | None, model, level: str, label, progress, tokenizer, api_key,
+                **run_fields) -> BenchRun:
+    """Closed loop with `concurrency` users, or open loop sending request i at `schedule[i]` s from the start."""
     from tqdm.auto import tqdm
 
-    if (concurrency is None) == (rate is None):
-        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop, req/s)")
-    if concurrency is not None and concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if rate is not None and rate <= 0:
-        raise ValueError(f"rate must be > 0 req/s, got {rate}")
     if model is None:
         model = await discover_model(url, api_key)
-    items = wl.items()
     drops = wl.drops()
     results: list[RequestResult] = []
-    level = f"c={concurrency}" if concurrency is not None else f"rate={rate:g}/s"
-    bar = tqdm(total=wl.num_requests, desc=f"{label} {level}", disable=not progress, leave=True)
+    bar = tqdm(total=len(items), desc=f"{label} {level}", disable=not progress, leave=True)
     errors = 0
 
     async with make_client(url, wl, concurrency or 1024, api_key) as client:
@@ -46,7 +42,7 @@ async def _arun(url, wl: Workload, concurrency, rate, model, label, progress, to
                 bar.set_postfix(errors=errors, refresh=False)
 
         if concurrency is not None:
-            todo = iter(range(wl.num_requests))
+            todo = iter(range(len(items)))
 
             async def user() -> None:
                 for i in todo:
@@ -54,15 +50,11 @@ async def _arun(url, wl: Workload, concurrency, rate, model, label, progress, to
                         return
                     await launch(i)
 
-            tasks = [asyncio.create_task(user()) for _ in range(min(concurrency, wl.num_requests))]
+            tasks = [asyncio.create_task(user()) for _ in range(min(concurrency, len(items)))]
         else:
-            # Poisson process: exponential gaps, seeded so that every server sees the same schedule.
-            rng = random.Random(arrival_seed)
             tasks = []
-            t_next = t_run
-            for i in range(wl.num_requests):
-                if i:
-                    t_next += rng.expovariate(rate)
+            for i, offset in enumerate(schedule):
+                t_next = t_run + offset
                 if t_next >= deadline:
                     break
                 await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
@@ -78,7 +70,7 @@ async def _arun(url, wl: Workload, concurrency, rate, model, label, progress, to
             rr.status = "incomplete"
     results.sort(key=lambda r: r.index)
     # Wall duration: first send to the last request's end (or to the cut-off when the duration ended the run).
-    return BenchRun(label, url, model, wl, concurrency, rate, t_end - t_run, results)
+    return BenchRun(label, url, model, wl, concurrency, duration_s=t_end - t_run, results=results, **run_fields)
 
 
 def _run_sync(coro):
@@ -103,16 +95,31 @@ def run_benchmark(
     tokenizer: Any = None,
     arrival_seed: int = 0,
     api_key: str | None = None,
+    slo: SLO | None = None,
+    arrival: Arrival = "poisson",
+    burstiness: float = 1.0,
 ) -> BenchRun:
     """One bounded run against `url` (scheme://host:port, no /v1).
 
-    Closed loop with `concurrency` users, or open loop with Poisson arrivals at `rate` req/s
-    (seeded by `arrival_seed`). `model` defaults to the first id of GET /v1/models; `tokenizer`
-    (a Hugging Face tokenizer) counts output tokens when the server returns no usage; `api_key` is
-    sent as `Authorization: Bearer`.
+    Closed loop with `concurrency` users, or open loop at `rate` req/s with `arrival` "poisson" or
+    "gamma" gaps (`burstiness`: see `arrivals.arrival_times`), seeded by `arrival_seed`. `slo` is kept
+    on the run, whose summary then reports goodput. `model` defaults to the first id of GET /v1/models;
+    `tokenizer` (a Hugging Face tokenizer) counts output tokens when the server returns no usage;
+    `api_key` is sent as `Authorization: Bearer`.
     """
     wl = workload or Workload()
-    return _run_sync(_arun(url, wl, concurrency, rate, model, label, progress, tokenizer, arrival_seed, api_key))
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop, req/s)")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if rate is not None:
+        schedule = arrival_times(wl.num_requests, rate, arrival, burstiness, seed=arrival_seed)
+        level = f"rate={rate:g}/s" + (f" {arrival}({burstiness:g})" if arrival != "poisson" else "")
+        fields: dict[str, Any] = dict(rate=rate, arrival=arrival, burstiness=burstiness)
+    else:
+        schedule, level, fields = None, f"c={concurrency}", dict(rate=None)
+    return _run_sync(_arun(url, wl, wl.items(), concurrency, schedule, model, level, label, progress, tokenizer,
+                           api_key, slo=slo, **fields))
 
 
 def sweep(
@@ -127,21 +134,30 @@ def sweep(
     progress: bool = True,
     tokenizer: Any = None,
     api_key: str | None = None,
+    slo: SLO | None = None,
+    arrival: Arrival = "poisson",
+    burstiness: float = 1.0,
+    arrival_seed: int = 0,
 ) -> BenchReport:
-    """Run the workload once per concurrency level (or per rate, if `rates` is given).
+    """Run the workload once per concurrency level, or per rate (open loop) if `rates` is given.
 
     `warmup` requests are sent one at a time first and discarded, so that one-off costs (first
-    forward pass, connection set-up) do not land in the first level.
+    forward pass, connection set-up) do not land in the first level. `slo`, `arrival`, `burstiness`
+    and `arrival_seed` are passed to every `run_benchmark` (the arrival ones apply to rates only).
     """
     wl = workload or Workload()
+    rates = list(rates) if rates is not None else None
+    for r in rates or ():  # bad arguments fail before any request is sent
+        arrival_times(0, r, arrival, burstiness)
     if model is None:
         model = _run_sync(discover_model(url, api_key))
-    common = dict(model=model, label=label, tokenizer=tokenizer, api_key=api_key)
+    common = dict(model=model, label=label, tokenizer=tokenizer, api_key=api_key, slo=slo)
     if warmup:
         warm = dataclasses.replace(wl, num_requests=warmup, seed=wl.seed + 1, drop_fraction=0.0)
         run_benchmark(url, warm, concurrency=1, progress=False, **common)
     if rates is not None:
-        runs = [run_benchmark(url, wl, rate=r, progress=progress, **common) for r in rates]
+        runs = [run_benchmark(url, wl, rate=r, progress=progress, arrival=arrival, burstiness=burstiness,
+                              arrival_seed=arrival_seed, **common) for r in rates]
     else:
         runs = [run_benchmark(url, wl, concurrency=c, progress=progress, **common) for c in concurrency or ()]
     return BenchReport(runs)
@@ -157,6 +173,7 @@ def soak(
     label: str = "soak",
     progress: bool = True,
     api_key: str | None = None,
+    slo: SLO | None = None,
 ) -> BenchRun:
     """A long closed-loop run: `concurrency` users for `duration_s`, then read `BenchRun.windows()`.
 
@@ -165,4 +182,4 @@ def soak(
     """
     wl = dataclasses.replace(workload, duration_s=duration_s)
     return run_benchmark(url, wl, concurrency=concurrency, model=model, label=label, progress=progress,
-                         api_key=api_key)
+                         api_key=api_key, slo=slo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 # Each word is one token (with its leading space) in SmolLM2's tokenizer and the prefix "Story:" is
 # two, so a prompt of N tokens is exact for the embedded model and close for other BPE tokenizers.
@@ -23,6 +23,10 @@ _WORDS = (
 _PROMPT_PREFIX, _PROMPT_PREFIX_TOKENS = "Story:", 2
 # Drop decisions use their own stream of random numbers, so turning drops on leaves prompts and lengths alone.
 _DROP_SEED_SALT = 7919
+# Shared prefixes and which request gets which are seeded by strings (hashed the same in every process),
+# apart from the integer seeds of the prompts, so a prefix workload leaves the other draws as they were.
+_PREFIX_SEED = "llmserve-nb prefix {seed} {j}"
+_PREFIX_ORDER_SEED = "llmserve-nb prefix order {seed}"
 
 Length = int | tuple[int, int]
 Distribution = Literal["uniform", "loguniform"]
@@ -31,14 +35,18 @@ Distribution = Literal["uniform", "loguniform"]
 def make_prompts(n: int, input_tokens: Length = 30, seed: int = 0) -> list[str]:
     """`n` deterministic prompts of `input_tokens` tokens (an int, or an inclusive (lo, hi) range)."""
     rng = random.Random(seed)
-    prompts = []
-    for _ in range(n):
-        k = _draw(rng, input_tokens)
-        if k <= _PROMPT_PREFIX_TOKENS:
-            prompts.append("".join(" " + rng.choice(_WORDS) for _ in range(k)).lstrip())
-        else:
-            prompts.append(_PROMPT_PREFIX + "".join(" " + rng.choice(_WORDS) for _ in range(k - _PROMPT_PREFIX_TOKENS)))
-    return prompts
+    return [_text(rng, _draw(rng, input_tokens)) for _ in range(n)]
+
+
+def _words(rng: random.Random, k: int) -> str:
+    """`k` words, each with its leading space: `k` tokens that join any text without merging into it."""
+    return "".join(" " + rng.choice(_WORDS) for _ in range(k))
+
+
+def _text(rng: random.Random, k: int) -> str:
+    if k <= _PROMPT_PREFIX_TOKENS:
+        return _words(rng, k).lstrip()
+    return _PROMPT_PREFIX + _words(rng, k - _PROMPT_PREFIX_TOKENS)
 
 
 def _draw(rng: random.Random, length: Length, dist: Distribution = "uniform") -> int:
@@ -64,6 +72,10 @@ class Workload:
     adds its own tokens on top of `input_tokens`).
     `drop_fraction` of the streaming requests (chosen with the seed) hang up after
     `drop_after_chunks` text chunks (an int or a (lo, hi) range); they count as `dropped`.
+    `shared_prefix_tokens` > 0 makes a prefix-repetition workload (vLLM's `prefix_repetition` dataset):
+    `num_prefixes` seeded prefixes of that many tokens, each prompt one of them (every prefix used
+    equally often, in a seeded order) followed by its own `input_tokens` of words, so a prompt is
+    `shared_prefix_tokens + input_tokens` tokens long and a prefix cache can reuse the prefix.
     """
 
     num_requests: int = 32
@@ -79,6 +91,8 @@ class Workload:
     output_dist: Distribution = "uniform"
     drop_fraction: float = 0.0
     drop_after_chunks: Length = 4
+    shared_prefix_tokens: int = 0
+    num_prefixes: int = 1
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -99,6 +113,9 @@ class Workload:
             lo = value if isinstance(value, int) else value[0]
             if lo < 1 or (not isinstance(value, int) and value[1] < lo):
                 raise ValueError(f"{name} must be >= 1 (and lo <= hi for a range), got {value}")
+        if self.shared_prefix_tokens < 0 or self.num_prefixes < 1:
+            raise ValueError(f"shared_prefix_tokens must be >= 0 and num_prefixes >= 1, got "
+                             f"{self.shared_prefix_tokens} and {self.num_prefixes}")
 
     @property
     def path(self) -> str:
@@ -109,8 +126,25 @@ class Workload:
         rng = random.Random(self.seed)
         ins = [_draw(rng, self.input_tokens) for _ in range(self.num_requests)]
         outs = [_draw(rng, self.output_tokens, self.output_dist) for _ in range(self.num_requests)]
-        prompts = [make_prompts(1, k, seed=self.seed * 100003 + i)[0] for i, k in enumerate(ins)]
-        return list(zip(prompts, ins, outs))
+        return list(zip(self.prompts(ins), [self.shared_prefix_tokens + k for k in ins], outs))
+
+    def prompts(self, lengths: Sequence[int]) -> list[str]:
+        """Prompt i has `lengths[i]` tokens of its own (after its shared prefix, if any), seeded by `seed` and i."""
+        if not self.shared_prefix_tokens:
+            return [make_prompts(1, k, seed=self.seed * 100003 + i)[0] for i, k in enumerate(lengths)]
+        prefixes = [_text(random.Random(_PREFIX_SEED.format(seed=self.seed, j=j)), self.shared_prefix_tokens)
+                    for j in range(self.num_prefixes)]
+        ids = self.prefix_ids(len(lengths))
+        return [prefixes[ids[i]] + _words(random.Random(self.seed * 100003 + i), k) for i, k in enumerate(lengths)]
+
+    def prefix_ids(self, n: int | None = None) -> list[int] | None:
+        """Which shared prefix each of `n` (default `num_requests`) requests starts with; None without prefixes."""
+        if not self.shared_prefix_tokens:
+            return None
+        n = self.num_requests if n is None else n
+        ids = [i % self.num_prefixes for i in range(n)]
+        random.Random(_PREFIX_ORDER_SEED.format(seed=self.seed)).shuffle(ids)
+        return ids
 
     def drops(self) -> list[int | None]:
         """Per request: after how many text chunks its client hangs up, or None (reads to the end)."""

@@ -30,20 +30,17 @@ from llmserve_nb.cluster.shipping import (
     missing_module_hint,
     package_zip,
 )
-from llmserve_nb.cluster.status import AppStatus, parse_serve_details
+from llmserve_nb.cluster.status import AppStatus, parse_serve_details, routing_of
 from llmserve_nb.config import AppConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def _local_ray_version() -> tuple[str | None, str]:
-    """The Ray version this side must match, and how a message names it ("...{}..." for the version).
-
-    Read from the installed distribution, not by importing ray (seconds). A core install has no Ray: it
-    only talks REST, and what the cluster must then run is the Ray that the package's replica side is
-    pinned to (`ray[serve]==X` in its metadata), so that pin stands in. A source tree that is neither
-    installed nor has Ray gives (None, ...): the Ray check is skipped.
-    """
+    """The Ray version this side must match, and how a message names it ("...{}..." for the version): read
+    from the installed distribution, not by importing ray (seconds). A core install has no Ray and talks REST;
+    the cluster must then run the Ray the replica side is pinned to (`ray[serve]==X` in the metadata). A
+    source tree neither installed nor with Ray gives (None, ...): the Ray check is skipped."""
     try:
         return metadata.version("ray"), "this kernel has ray {}"
     except metadata.PackageNotFoundError:
@@ -62,12 +59,9 @@ def _local_ray_version() -> tuple[str | None, str]:
 def check_version_skew(
     cluster_ray: str | None, cluster_python: str | None, local_ray: str | None = None, local_python: str | None = None
 ) -> None:
-    """Raise ClusterError when the cluster's Ray (exact) or Python (major.minor) differs from this kernel's.
-
-    The Serve config, pickled objects and Ray's own protocol break across Ray versions, and pickled
-    code across Python minors, so `connect()` checks this before anything else. A version the cluster
-    does not state (None) is not checked.
-    """
+    """Raise ClusterError when the cluster's Ray (exact) or Python (major.minor) differs from this kernel's:
+    the Serve config, pickles and Ray's protocol break across Ray versions, pickled code across Python
+    minors, so `connect()` checks this first. A version the cluster does not state (None) is not checked."""
     here = "this kernel has ray {}"
     if local_ray is None:
         local_ray, here = _local_ray_version()
@@ -372,8 +366,15 @@ class Cluster:
         self._refuse_if_managed(f"deploy {name!r}")
         application, package = self._shipped(application, fresh=True)
         details = self.serve_details()
-        others = [app.deployed_config for app in parse_serve_details(details).values()
-                  if app.name != name and app.deployed_config]
+        running = parse_serve_details(details)
+        if name in running and routing_of(running[name].deployed_config) != routing_of(application):
+            # Serve 2.60 keeps a deployment's router through in-place updates (the old one went on routing, and
+            # an ingress added in place left requests hanging), so an app whose routing changes starts afresh.
+            log.warning("application %r changes its request routing: deleting it before deploying it again", name)
+            self.delete(name)
+            details = self.serve_details()
+            running = parse_serve_details(details)
+        others = [app.deployed_config for app in running.values() if app.name != name and app.deployed_config]
         for other in others:
             if prefix is not None and other.get("route_prefix") == prefix:
                 raise DeployError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NOT_DEPLOYED", "AppStatus", "Deployment", "Replica", "parse_serve_details"]
+__all__ = ["NOT_DEPLOYED", "AppStatus", "Deployment", "Replica", "parse_serve_details", "routing_of"]
 
 # The status of an application Serve does not know (never deployed, or deleted).
 NOT_DEPLOYED = "NOT_DEPLOYED"
@@ -123,3 +123,8 @@ def _same(want: Any, got: Any) -> bool:
 def parse_serve_details(details: dict[str, Any]) -> dict[str, AppStatus]:
     """Every application of a `GET /api/serve/applications/` answer, by name."""
     return {name: AppStatus.parse(name, raw or {}) for name, raw in (details.get("applications") or {}).items()}
+
+
+def routing_of(application: dict[str, Any] | None) -> dict[str, Any]:
+    """What of an `applications:` entry fixes how requests reach replicas: its deployments and their routers."""
+    return {d.get("name"): d.get("request_router_config") for d in (application or {}).get("deployments") or []}

@@ -1,6 +1,8 @@
 """The transformers model and its batched decode step: left padding, per-row sampling, finished
 rows leaving the KV cache, batches merging and the cache trimmed to what live rows attend to. The KV
-cache is written in place (`kv_cache.SlabLayer`), so a step's copying does not grow with the width."""
+cache is written in place (`kv_cache.SlabLayer`), so a step's copying does not grow with the width.
+With a prefix cache (`prefix_cache.PrefixCache`), a prefill computes only what follows each prompt's
+longest cached prefix."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +14,7 @@ from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine.detokenizer import OutputText
 from llmserve_nb.engine.kv_cache import SlabLayer, to_slabs
 from llmserve_nb.engine.loading import cpu_threads, load_gguf_with_cache, pick_device_dtype, resolve_source
+from llmserve_nb.engine.prefix_cache import PrefixCache, prefix_cache_for
 from llmserve_nb.engine.protocol import GenerationRequest, GenerationResult
 
 __all__ = ["HFEngine", "Row", "DecodeBatch"]
@@ -96,6 +99,7 @@ class HFEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self.max_model_len = min(cfg.max_model_len, getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.prefix_cache: PrefixCache | None = prefix_cache_for(cfg)
         self.load_timings["total_load_s"] = time.perf_counter() - t0
         self.load_timings.update(device=self.device, dtype=str(self.dtype).removeprefix("torch."),
                                  torch_threads=self.num_threads, cpu_linear=self.cpu_linear)
@@ -183,19 +187,100 @@ class HFEngine:
         )
 
     def prefill(self, rows: list[Row]) -> DecodeBatch:
-        """Left-padded forward pass over the prompts; samples each row's first token."""
+        """Left-padded forward pass over the prompts; samples each row's first token.
+
+        With a prefix cache, rows are grouped by how many of their first tokens are cached; a group's
+        cached KV is its past and only the rest of each prompt is computed (one forward per group, the
+        groups then merged as running batches merge). Every row's new full blocks are then cached."""
         import torch
 
-        width = max(len(r.prompt) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
-        attn = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(input_ids, attn, position_ids, None)
-        to_slabs(out.cache)
-        batch = DecodeBatch(rows, out.cache, attn, position_ids[:, -1:], None)
-        self._absorb(batch, out.logits[:, -1, :])
+        cache = self.prefix_cache
+        if cache is None:
+            batch, logits = self._prefill_group(rows, 0, [])
+            self._absorb(batch, logits)
+            return batch
+        groups: dict[int, tuple[list[Row], list]] = {}
+        for row in rows:
+            hit, blocks = cache.lookup(row.prompt)
+            members, pasts = groups.setdefault(hit, ([], []))
+            members.append(row)
+            pasts.append(blocks)
+        parts = [(hit, *self._prefill_group(members, hit, pasts)) for hit, (members, pasts) in groups.items()]
+        if not self.can_merge(parts[0][1]):
+            # Only plain full-attention caches can be stored, joined and trimmed: the first prefill of a
+            # model with other layers (sliding windows...) turns prefix caching off, before any hit.
+            log.warning("prefix caching is off: %s's KV cache layers are not plain full attention", self.model_name)
+            self.prefix_cache = None
+            self._absorb(parts[0][1], parts[0][2])
+            return parts[0][1]
+        for hit, part, _ in parts:
+            self._store_prefixes(cache, part, hit)
+        batch = parts[0][1]
+        for _, part, _ in parts[1:]:
+            batch = self.merge(batch, part)
+        self._absorb(batch, torch.cat([logits for _, _, logits in parts]))
         return batch
+
+    def _prefill_group(self, rows: list[Row], hit: int, pasts: list) -> tuple[DecodeBatch, Any]:
+        """One forward pass over rows whose first `hit` tokens are cached (`pasts`: each row's blocks):
+        their KV goes in as the past, the rest of each prompt left-padded after it. A row's mask is then
+        [cached prefix, padding, rest]; positions count only unmasked columns, as left padding does."""
+        import torch
+
+        width = max(len(r.prompt) for r in rows) - hit
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width + hit - len(r.prompt)) + r.prompt[hit:] for r in rows],
+                                 device=self.device)
+        attn = torch.tensor([[1] * hit + [0] * (width + hit - len(r.prompt)) + [1] * (len(r.prompt) - hit)
+                             for r in rows], device=self.device)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, hit:]
+        past = None
+        if hit:
+            from transformers import DynamicCache
+
+            past = DynamicCache(ddp_cache_data=self._past(pasts))
+        out = self._forward(input_ids, attn, position_ids, past)
+        to_slabs(out.cache)
+        # next_ids is set by _absorb; zeros hold its place so groups can be merged before sampling.
+        zeros = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        return DecodeBatch(rows, out.cache, attn, position_ids[:, -1:], zeros), out.logits[:, -1, :]
+
+    @staticmethod
+    def _past(pasts: list) -> list[tuple[Any, Any]]:
+        """Per layer, (keys, values) of the rows' cached prefixes, [rows, kv_heads, hit, head_dim]. Rows
+        reusing the same blocks (one system prompt) share one concatenation."""
+        import torch
+
+        joined: dict[tuple[int, ...], list] = {}
+        per_row = []
+        for blocks in pasts:
+            key = tuple(map(id, blocks))
+            if key not in joined:
+                joined[key] = [torch.cat([b[layer] for b in blocks], dim=2) for layer in range(len(blocks[0]))]
+            per_row.append(joined[key])
+        stacked = [torch.stack([kv[layer] for kv in per_row]) for layer in range(len(per_row[0]))]
+        return [(kv[:, 0], kv[:, 1]) for kv in stacked]
+
+    @staticmethod
+    def _store_prefixes(cache: PrefixCache, part: DecodeBatch, hit: int) -> None:
+        """Cache the full prompt blocks a just-prefilled group computed. Prompt position j of a row is
+        column j below `hit` (the past) and column width - len(prompt) + j from there on."""
+        import torch
+
+        width = part.width
+        for i, row in enumerate(part.rows):
+            base = width - len(row.prompt)
+
+            def kv_of(start: int, end: int, i=i, base=base):
+                if start >= hit:  # the usual case: only blocks this forward computed are new
+                    at = slice(base + start, base + end)
+                    return [(layer.keys[i, :, at], layer.values[i, :, at]) for layer in part.cache.layers]
+                # Blocks of the past evicted since the lookup (a budget full of this admission's prompts).
+                cols = torch.tensor([j if j < hit else base + j for j in range(start, end)], device=part.attn.device)
+                return [(layer.keys[i].index_select(1, cols), layer.values[i].index_select(1, cols))
+                        for layer in part.cache.layers]
+
+            cache.store(row.prompt, kv_of)
 
     def step(self, batch: DecodeBatch) -> None:
         """One decode step for every running row."""

@@ -182,7 +182,8 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """Scheduler state: running and waiting requests, KV cache use, decode steps."""
+        """Scheduler state: running and waiting requests, KV cache use, decode steps; under "prefix_cache"
+        the prefix cache's use and hits, where the engine has one."""
         ...
 
     def info(self) -> dict[str, Any]:

@@ -277,7 +277,8 @@ class TransformersEngine:
             raise EngineDeadError(self.batcher.dead or "the engine's decode loop is not running")
 
     def stats(self) -> dict[str, Any]:
-        return self.batcher.stats()
+        cache = self.model.prefix_cache
+        return {**self.batcher.stats(), "prefix_cache": cache.stats() if cache is not None else {"enabled": False}}
 
     def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "max_model_len": self.max_model_len, **self.model.load_timings}

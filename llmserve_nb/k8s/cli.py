@@ -96,7 +96,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if args.crds or args.from_cluster:
         return _validate([args.out], args)
-    print(f"validate it: llmserve-nb k8s validate {args.out} --from-cluster (or --crds DIR)", file=sys.stderr)
+    print(f"validate it: llmserve-nb k8s validate {args.out} --from-cluster (or --crds DIR; needs llmserve-nb[notebook])",
+          file=sys.stderr)
     return 0
 
 

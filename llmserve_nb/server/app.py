@@ -52,6 +52,7 @@ from llmserve_nb.server.openai_api import (
     install_error_handling,
     sse_events,
 )
+from llmserve_nb.server.router import ForwardedRequest, ReplicaHeader, replay, routed
 from llmserve_nb.stats import percentile
 
 __all__ = ["LLMServer", "build_app"]
@@ -64,6 +65,7 @@ api = FastAPI(
     version="0.2.0",
 )
 install_error_handling(api)
+api.add_middleware(ReplicaHeader)
 
 
 async def _deadline(stream: RequestStream, timeout_s: float | None, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -304,6 +306,12 @@ class LLMServer:
             return JSONResponse(status_code=503, content=OpenAIError(503, str(e), type_="server_error").body())
         return {"status": "ok", "model": self.engine.model_name}
 
+    async def forward(self, *routing_key: Any, request: ForwardedRequest) -> AsyncIterator[list[dict[str, Any]]]:
+        """LLMIngress's call when the router reads the prompt (`routing_key`, there for the router only): the
+        request through this replica's own routes, its ASGI messages streamed back."""
+        async for messages in replay(self.app, request):
+            yield messages
+
     @api.get("/stats", summary="This replica's batching statistics, scheduler state and settings")
     async def replica_stats(self):
         return {
@@ -322,4 +330,4 @@ class LLMServer:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The one entry point: Python deploy, `serve run`, the REST API and RayService all call this."""
     config = AppConfig.from_args(nest_dotted(args or {}))
-    return LLMServer.options(**config.deployment_options()).bind(config.build_args())
+    return routed(config, LLMServer)

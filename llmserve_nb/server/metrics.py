@@ -140,8 +140,21 @@ class ServerMetrics:
         self._running = Gauge("llmserve_num_requests_running", "Requests in the engine's decode batch.", tags)
         self._waiting = Gauge("llmserve_num_requests_waiting", "Requests received, not in the decode batch yet.", tags)
         self._kv = Gauge("llmserve_kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent.", tags)
+        # The engine's prefix cache (vLLM's prefix_cache_queries/hits count tokens, so do these).
+        self._prefix_counters = {
+            "queried_tokens": Counter("llmserve_prefix_cache_queries", "Prefix cache: prompt tokens looked up.", tags),
+            "hit_tokens": Counter("llmserve_prefix_cache_hits", "Prefix cache: prompt tokens found cached.", tags),
+            "evictions": Counter("llmserve_prefix_cache_evictions", "Prefix cache: blocks evicted.", tags),
+        }
+        self._prefix_gauges = {
+            "bytes": Gauge("llmserve_prefix_cache_bytes", "Prefix cache: bytes of KV held.", tags),
+            "budget_bytes": Gauge("llmserve_prefix_cache_budget_bytes", "Prefix cache: its memory budget.", tags),
+            "blocks": Gauge("llmserve_prefix_cache_blocks", "Prefix cache: blocks held.", tags),
+        }
+        self._prefix_seen = dict.fromkeys(self._prefix_counters, 0)  # the engine's totals last exported
         self._metrics = (self._ttft, self._tpot, self._e2e, self._batch, self._prompt_tokens, self._generation_tokens,
-                         self._success, self._http, self._running, self._waiting, self._kv)
+                         self._success, self._http, self._running, self._waiting, self._kv,
+                         *self._prefix_counters.values(), *self._prefix_gauges.values())
         for metric in self._metrics:
             # ray.serve.metrics' set_default_tags adds Serve's tags and returns None: not chainable.
             metric.set_default_tags({"model_name": model_name})
@@ -250,6 +263,21 @@ class ServerMetrics:
             self._waiting.set(self.waiting)
         if "kv_cache_usage_perc" in engine:
             self._kv.set(min(max(float(engine["kv_cache_usage_perc"]), 0.0), 1.0))
+        prefix = engine.get("prefix_cache") or {}
+        if prefix.get("enabled"):
+            self._publish_prefix_cache(prefix)
+
+    def _publish_prefix_cache(self, prefix: Mapping[str, Any]) -> None:
+        """The engine keeps running totals; Prometheus counters take increments, so the difference from
+        the totals last exported is added (under the lock: two threads must not add the same tokens)."""
+        with self._lock:
+            for key, counter in self._prefix_counters.items():
+                delta = int(prefix.get(key, 0)) - self._prefix_seen[key]
+                if delta > 0:
+                    counter.inc(delta)
+                    self._prefix_seen[key] += delta
+            for key, gauge in self._prefix_gauges.items():
+                gauge.set(float(prefix.get(key, 0)))
 
     # ---- replica-local view -------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from llmserve_nb.backends.serve_options import (
     backpressure_fields,
     copied_fields,
     replica_fields,
+    router_fields,
     with_derived_limits,
 )
 from llmserve_nb.config import API_KEY_ENV, EMBEDDED_MODEL, AppConfig, ConfigError, EngineConfig
@@ -213,7 +214,15 @@ def llm_server_options(config: AppConfig) -> dict[str, Any]:
         # from num_replicas to autoscaling (the tuner's checkbox) then updates the LLMServer in place
         # (measured, tests/test_vllm_backend.py), and Ray's own autoscaling_config (target 1e9) is replaced.
         "autoscaling_config": d.serve_autoscaling_config(),
+        # Ray's OpenAiIngress calls LLMServer through a handle with the parsed request (its `prompt` or
+        # `messages`), which is what the prefix router reads, and passes on the x-session-id header for the
+        # session router. A router change needs a fresh deploy (see DeploymentConfig.request_router).
+        **_router_option(d.request_router_config()),
     }
+
+
+def _router_option(router: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if router is None else {"request_router_config": router}
 
 
 def ingress_options(config: AppConfig) -> dict[str, Any]:
@@ -320,6 +329,7 @@ def config_of(app: dict[str, Any]) -> AppConfig:
     ingress = deps.get(INGRESS_DEPLOYMENT, {})
     deployment.update(copied_fields(server, ("max_ongoing_requests", *HEALTH_CHECK_FIELDS, *GRACEFUL_SHUTDOWN_FIELDS)))
     deployment.update(replica_fields(server))
+    deployment.update(router_fields(server))
     deployment.update(copied_fields(ingress, ("max_queued_requests",)))
     deployment.update(backpressure_fields(ingress))
     data: dict[str, Any] = {"name": app.get("name", "llm"), "route_prefix": app.get("route_prefix", "/"),
