@@ -40,7 +40,9 @@ def test_capacity_plan_notebook_plans_and_its_verification_holds(tmp_path):
     # The verification at the planned rate: the autoscaler went from the floor to within one replica of the
     # plan by itself, and then the SLO held for >= 95 % of the requests.
     timeline = res["verification"]["timeline"]
-    assert verification["rate"] == plan["target_rate"] and verification["requests"] >= 20, verification
+    # At least 10 judged requests, so that ">= 95 %" means none missed (a loaded CI run planned 1 req/s for a
+    # 25 s window: Poisson sent 19).
+    assert verification["rate"] == plan["target_rate"] and verification["requests"] >= 10, verification
     assert timeline[0]["running"] == plan["min_replicas"] == 1, timeline  # the sample as the load started
     assert abs(verification["replicas_reached"] - plan["replicas"]) <= 1, timeline
     assert verification["attainment"] >= 0.95 and verification["errors"] == 0, verification

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
@@ -104,7 +105,17 @@ class ReplicaHeader:
 
     def __init__(self, app: ASGIApp):
         self.app = app
-        self._header: tuple[bytes, bytes] | None = None
+        self._header: list[tuple[bytes, bytes]] | None = None
+
+    def _replica_header(self) -> list[tuple[bytes, bytes]]:
+        if self._header is None:
+            try:
+                replica = serve.get_replica_context().replica_id.unique_id
+            except RayServeException:  # the app served outside Serve (FastAPI's TestClient): no replica to name
+                self._header = []
+            else:
+                self._header = [(REPLICA_HEADER.encode(), replica.encode())]
+        return self._header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,9 +124,7 @@ class ReplicaHeader:
 
         async def send_with_replica(message: Message) -> None:
             if message["type"] == "http.response.start":
-                if self._header is None:
-                    self._header = (REPLICA_HEADER.encode(), serve.get_replica_context().replica_id.unique_id.encode())
-                message = {**message, "headers": [*message.get("headers", []), self._header]}
+                message = {**message, "headers": [*message.get("headers", []), *self._replica_header()]}
             await send(message)
 
         await self.app(scope, receive, send_with_replica)
