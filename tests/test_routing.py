@@ -178,15 +178,17 @@ def _replicas_of(app, prompts: list[str], headers: dict[str, str] | None = None)
         return out
 
 
+# A quarter CPU a replica: the two apps below (4 replicas) fit the embedded Ray's 2 CPUs beside the session's
+# `app` (1 CPU), which the suite keeps running; at half a CPU the second app waited for CPUs that never freed.
 LIVE = AppConfig(name="spread", route_prefix="/spread", engine={"torch_threads": 1, "max_tokens_limit": 8},
-                 deployment={"num_replicas": 2, "num_cpus": 0.5})
+                 deployment={"num_replicas": 2, "num_cpus": 0.25})
 
 
 @pytest.mark.ray
 def test_prefix_router_keeps_a_prefix_on_one_replica_and_the_default_spreads(cluster):
     prefix = LIVE.with_overrides(**{"name": "affinity", "route_prefix": "/affinity",
                                     "deployment.request_router": "prefix_affinity"})
-    # Both apps at once (4 replicas of half a CPU): their model loads overlap.
+    # Both apps at once (4 replicas of a quarter CPU): their model loads overlap.
     apps = [cluster.deploy(cfg, wait=False, progress=None) for cfg in (LIVE, prefix)]
     try:
         for app in apps:
