@@ -268,12 +268,12 @@ class DeploymentConfig(_Strict):
         """The router reads the prompt: the transformers app then puts LLMIngress in front of LLMServer."""
         return self.request_router in PROMPT_ROUTERS
 
-    def ingress_options(self, max_ongoing_requests: int, max_queued_requests: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The transformers app with a prompt router: (LLMIngress's options, what changes in LLMServer's).
-        Admission moves to the HTTP edge, as in Ray Serve LLM's app: the ingress admits the model's whole
-        capacity and queues `max_queued_requests` more before backpressure; LLMServer's queue is unbounded,
-        because a refusal at the inner hop would reach the client as an error, not as backpressure."""
-        ingress: dict[str, Any] = {
+    def ingress_options(self, max_ongoing_requests: int, max_queued_requests: int) -> dict[str, Any]:
+        """LLMIngress's options, for the transformers app with a prompt router. Admission moves to the HTTP edge,
+        as in Ray Serve LLM's app: the ingress admits the model's whole capacity and queues
+        `max_queued_requests` more before backpressure (LLMServer's queue is then unbounded: see
+        `AppConfig.deployment_options`)."""
+        return {
             "num_replicas": 1,
             "autoscaling_config": None,
             "max_ongoing_requests": max_ongoing_requests * self.most_replicas,
@@ -283,7 +283,6 @@ class DeploymentConfig(_Strict):
             "ray_actor_options": {"num_cpus": 0},
             **self.graceful_shutdown_options(),
         }
-        return ingress, {"max_queued_requests": -1}
 
 
 class AppConfig(_Strict):
@@ -310,13 +309,17 @@ class AppConfig(_Strict):
         return 2 * self.max_ongoing_requests * d.most_replicas
 
     def build_args(self) -> dict[str, Any]:
-        """The `args` of the Serve application: only what builds a replica (the engine, the app's name).
+        """The `args` of the Serve application: only what builds a replica (the engine, the app's name), and a
+        prompt router, for which `build_app` builds another app (LLMIngress in front).
 
         A change of `args` is a new code version: Serve replaces every replica and reloads the model.
         Everything Serve can change in place (batching as `user_config`, replicas, autoscaling,
         admission limits, health checks) travels in the `deployments:` entry instead.
         """
-        return self.model_dump(mode="json", exclude_defaults=True, include={"name", "engine"})
+        args = self.model_dump(mode="json", exclude_defaults=True, include={"name", "engine"})
+        if self.deployment.routes_by_prompt:  # build_app then puts LLMIngress in front of LLMServer
+            args["deployment"] = {"request_router": self.deployment.request_router}
+        return args
 
     def user_config(self) -> dict[str, Any]:
         """The deployment's `user_config`: what `LLMServer.reconfigure` applies in place (batching and the
@@ -357,7 +360,19 @@ class AppConfig(_Strict):
         if d.max_surge_percent is not None:
             opts["max_surge_percent"] = d.max_surge_percent
         opts["autoscaling_config"] = d.serve_autoscaling_config()
+        if (router := d.request_router_config()) is not None:
+            opts["request_router_config"] = router
+        if d.routes_by_prompt:
+            # LLMIngress admits and queues (`ingress_options`); a refusal at this inner hop would reach the
+            # client as an error, not as backpressure.
+            opts["max_queued_requests"] = -1
         return opts
+
+    def ingress_options(self) -> dict[str, Any] | None:
+        """The options of the transformers app's `LLMIngress` when its router reads the prompt, else None."""
+        if not self.deployment.routes_by_prompt:
+            return None
+        return self.deployment.ingress_options(self.max_ongoing_requests, self.max_queued_requests)
 
     # ---- I/O -------------------------------------------------------------------------------
     @classmethod

@@ -63,22 +63,14 @@ class TransformersBackend(Backend):
         """With a router that reads the prompt (`server.router`), `args` say so (`build_app` then puts
         LLMIngress in front of LLMServer) and LLMIngress has its own entry; any other router is only
         LLMServer's `request_router_config`, read by Serve's proxies."""
-        d = config.deployment
-        args = config.build_args()
-        server = {"name": DEPLOYMENT_NAME, **config.deployment_options()}
-        if (router := d.request_router_config()) is not None:
-            server["request_router_config"] = router
-        deployments = [server]
-        if d.routes_by_prompt:
-            args["deployment"] = {"request_router": d.request_router}
-            ingress, server_overrides = d.ingress_options(config.max_ongoing_requests, config.max_queued_requests)
-            server.update(server_overrides)
+        deployments = [{"name": DEPLOYMENT_NAME, **config.deployment_options()}]
+        if (ingress := config.ingress_options()) is not None:
             deployments.append({"name": INGRESS_DEPLOYMENT_NAME, **ingress})
         app: dict[str, Any] = {
             "name": config.name,
             "route_prefix": config.route_prefix,
             "import_path": self.import_path,
-            "args": args,
+            "args": config.build_args(),
             "deployments": deployments,
         }
         if config.runtime_env:
@@ -112,7 +104,7 @@ class TransformersBackend(Backend):
         deployment.update(copied_fields(entry.get("ray_actor_options") or {}, _ACTOR_FIELDS))
         deployment.update(router_fields(entry))
         if routed_by_prompt:
-            # Admission is LLMIngress's then (see DeploymentConfig.ingress_options).
+            # Admission is LLMIngress's then (see AppConfig.deployment_options).
             ingress = entries.get(INGRESS_DEPLOYMENT_NAME, {})
             deployment.pop("max_queued_requests", None)
             deployment.update(copied_fields(ingress, ("max_queued_requests",)))

@@ -169,13 +169,7 @@ class LLMIngress:
 
 def routed(config: AppConfig, server: serve.Deployment) -> serve.Application:
     """The application for `config`: the model deployment with its router, behind LLMIngress when the
-    router reads the prompt (the same options the transformers backend renders in `deployments:`)."""
-    d = config.deployment
-    options = config.deployment_options()
-    if (router := d.request_router_config()) is not None:
-        options["request_router_config"] = router
-    if not d.routes_by_prompt:
-        return server.options(**options).bind(config.build_args())
-    ingress, server_overrides = d.ingress_options(config.max_ongoing_requests, config.max_queued_requests)
-    args = {**config.build_args(), "deployment": {"request_router": d.request_router}}
-    return LLMIngress.options(**ingress).bind(server.options(**{**options, **server_overrides}).bind(args))
+    router reads the prompt (the options the transformers backend renders in `deployments:`)."""
+    app = server.options(**config.deployment_options()).bind(config.build_args())
+    ingress = config.ingress_options()
+    return app if ingress is None else LLMIngress.options(**ingress).bind(app)
