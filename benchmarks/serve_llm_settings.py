@@ -16,6 +16,8 @@ targets) plus the raw figures and the load average at each step:
 
     .venv/bin/python benchmarks/serve_llm_settings.py                                   # fp32, all candidates
     .venv/bin/python benchmarks/serve_llm_settings.py --dtypes float32,bfloat16 --candidates rendered,quiet
+    .venv/bin/python benchmarks/serve_llm_settings.py --candidates rendered,haproxy,haproxy+direct \
+        --workloads c1,c8,c32 --budget-minutes 13                                      # direct streaming
 
 Candidates (each a change on top of what `vllm_app` renders today; `rendered` = no change):
 """
@@ -111,6 +113,10 @@ CANDIDATES: dict[str, tuple[dict[str, Any], Callable[[dict], None] | None, str]]
     "haproxy+nice0": ({}, _nice0, "haproxy and nice0"),
     "haproxy+nice0head": ({}, None, "haproxy, and RAY_worker_niceness=0 in the Ray head's environment: every worker "
                           "(proxy, HAProxy, controller, replicas, vLLM's engine) at nice 0, not only the app's"),
+    "haproxy+direct": ({"runtime_env": {"env_vars": {"LLMSERVE_NB_API_KEY": KEY, **vllm_app.DIRECT_STREAMING_ENV}}},
+                       None, "haproxy, and Ray's direct streaming (RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 in the "
+                       "app's runtime_env): no ingress replica, HAProxy forwards to the LLMServer replica, which "
+                       "answers with vLLM's own app behind our key layer (Serve builds it only with HAProxy)"),
 }
 # Settings that live in the Ray head's environment (read by Serve's controller and proxies at start):
 # each such candidate gets a Ray head of its own.
@@ -118,21 +124,25 @@ THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # What the vLLM RayService renders (vllm_app.HIGH_THROUGHPUT_ENV), with one HAProxy thread for 2 cores.
 HAPROXY_ENV = {**vllm_app.HIGH_THROUGHPUT_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
 HEAD_ENV: dict[str, dict[str, str]] = {"throughput": THROUGHPUT_ENV, "haproxy": HAPROXY_ENV, "haproxy+quiet": HAPROXY_ENV,
-                                     "haproxy+nice0": HAPROXY_ENV,
+                                     "haproxy+nice0": HAPROXY_ENV, "haproxy+direct": HAPROXY_ENV,
                                      "haproxy+nice0head": {**HAPROXY_ENV, "RAY_worker_niceness": "0"}}
 __doc__ += "".join(f"\n- `{k}`: {v[2]}" for k, v in CANDIDATES.items())
 
 
+WORKLOADS = ("c1", "c8", "c32", "mixed")
+
+
 def workloads(args) -> list[tuple[str, int, bench.Workload]]:
-    """(name, concurrency, workload): the fixed one at each level, the mixed one at 8."""
+    """(name, concurrency, workload): the fixed one at each level, the mixed one at 8 (those in --workloads)."""
     fixed = dict(input_tokens=30, output_tokens=64, ignore_eos=True, duration_s=args.level_timeout_s,
                  timeout_s=120.0)
     out = [(f"fixed c={c}", c, bench.Workload(num_requests=max(args.ttft_requests if c == 1 else 0,
                                                                 args.per_user * c), **fixed))
-           for c in (1, 8, 32)]
-    mixed = bench.mixed_workload(num_requests=2 * 8, output_tokens=(8, 128), input_tokens=30,
-                                 duration_s=args.level_timeout_s, timeout_s=120.0)
-    out.append(("mixed c=8", 8, mixed))
+           for c in (1, 8, 32) if f"c{c}" in args.workloads]
+    if "mixed" in args.workloads:
+        mixed = bench.mixed_workload(num_requests=2 * 8, output_tokens=(8, 128), input_tokens=30,
+                                     duration_s=args.level_timeout_s, timeout_s=120.0)
+        out.append(("mixed c=8", 8, mixed))
     return out
 
 
@@ -206,6 +216,7 @@ def main(argv=None) -> int:
                    help="candidates for the dtypes after the first (default: only `rendered`)")
     p.add_argument("--per-user", type=int, default=2, help="requests per user at c=8 and c=32")
     p.add_argument("--ttft-requests", type=int, default=6, help="requests at c=1")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {','.join(WORKLOADS)}")
     p.add_argument("--level-timeout-s", type=float, default=120.0, help="each level stops after this")
     p.add_argument("--deploy-timeout-s", type=float, default=420.0)
     p.add_argument("--budget-minutes", type=float, default=40.0, help="no new system starts after this")
@@ -214,6 +225,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-bare-again", action="store_true", help="skip the closing bare run")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "serve_llm_settings")
     args = p.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    if set(args.workloads) - set(WORKLOADS):
+        p.error(f"unknown workloads {sorted(set(args.workloads) - set(WORKLOADS))}")
     # SIGTERM (e.g. `timeout`) unwinds like an exception, so the servers and the Ray head are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = [c for c in args.candidates.split(",") if c]
@@ -280,8 +294,11 @@ def main(argv=None) -> int:
                             # Every setting must keep the ingress's key check.
                             refused = probe(app.base_url, body={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2},
                                             api_key="wrong-" + KEY)["status"]
+                            generate = probe(app.base_url, "/generate", body={"prompt": "Hi", "max_new_tokens": 2},
+                                             api_key=KEY)["status"]
                             notes.append(f"{label}: a wrong API key got HTTP {refused}"
-                                         + ("" if refused == 401 else " (NOT REFUSED: the key check is bypassed)"))
+                                         + ("" if refused == 401 else " (NOT REFUSED: the key check is bypassed)")
+                                         + f"; /generate with the key got HTTP {generate}")
                             try:
                                 return drive(label, app.base_url, KEY, args)
                             finally:
@@ -291,7 +308,7 @@ def main(argv=None) -> int:
         return []
 
     groups: dict[str, list[str]] = {}
-    for name in dict.fromkeys(names + other):
+    for name in dict.fromkeys(names + (other if len(dtypes) > 1 else [])):
         groups.setdefault(json.dumps(HEAD_ENV.get(name, {}), sort_keys=True), []).append(name)
     for env_key, group in groups.items():
         step(f"ray head {env_key}", lambda group=group, env_key=env_key: ray_candidates(group, json.loads(env_key)))

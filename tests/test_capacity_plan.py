@@ -235,6 +235,34 @@ def test_verification_refuses_a_plan_the_cluster_cannot_hold():
         verify_plan(OneCpu(), plan, Workload(), SLO(e2e_s=4.0))
 
 
+@pytest.mark.parametrize("rate, judged_s", [(4.0, 30.0), (0.5, 40.0)])
+def test_verification_at_a_low_rate_runs_long_enough_to_judge_enough_requests(monkeypatch, rate, judged_s):
+    from llmserve_nb.experiments.capacity_plan import verify as verify_mod
+
+    class Sent(Exception):
+        pass
+
+    def run_benchmark(url, wl, **kw):
+        assert kw["rate"] == rate
+        raise Sent(wl)
+
+    class Cluster:
+        def nodes(self):
+            return [{"state": "ALIVE", "CPU": 64.0}]
+
+        def deploy(self, config, progress=None):
+            return type("App", (), {"base_url": "http://x", "api_key": None, "model": "m"})()
+
+    monkeypatch.setattr(verify_mod, "run_benchmark", run_benchmark)
+    monkeypatch.setattr(verify_mod, "run_observed", lambda load, *a, **kw: load())
+    plan = make_plan(search_result(4.0), rate)
+    assert plan.target_rate == rate
+    with pytest.raises(Sent) as sent:
+        verify_plan(Cluster(), plan, Workload(), SLO(e2e_s=4.0), duration_s=30.0, warmup_s=10.0, min_requests=20)
+    # 20 requests expected in the judged window: 30 s at 4 req/s already, 40 s at 0.5 req/s.
+    assert sent.value.args[0].num_requests == math.ceil(rate * (10.0 + judged_s))
+
+
 def test_the_form_reads_back_parsed_and_flags_a_bad_slo():
     from llmserve_nb.experiments.capacity_plan import PlannerForm
 

@@ -262,3 +262,69 @@ def test_onednn_linears_give_the_same_greedy_text_as_torch_linears(engine):
     plain = load_engine(EngineConfig(cpu_linear="torch"))
     assert plain.load_timings["cpu_linear"] == "torch"
     assert [r.text for r in engine.generate(MIXED)] == [r.text for r in plain.generate(MIXED)]
+
+
+# ---- sampling, vectorized over the batch -----------------------------------------------------
+
+def _sample_one(logits_row, req, generator):
+    """The per-row reference: softmax at the row's temperature, its top-p cut, one draw."""
+    import torch
+
+    probs = torch.softmax(logits_row / req.temperature, dim=-1)
+    if req.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True, stable=True)
+        cut = (sorted_p.cumsum(-1) - sorted_p) >= req.top_p
+        cut[0] = False
+        sorted_p[cut] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator)[0]), probs
+
+
+def _batch_to_sample(n=24, vocab=4096):
+    import torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(n, vocab) * 4
+    reqs = [Req(prompt="x", temperature=(0.0, 0.7, 1.0, 1.6)[i % 4], top_p=(1.0, 0.9, 0.5, 5e-324)[i // 4 % 4],
+                seed=i if i % 3 else None) for i in range(n)]
+    return logits, reqs
+
+
+def _generators(engine, reqs):
+    return [engine.generator(r) for r in reqs]
+
+
+def test_batched_sampling_equals_the_per_row_reference_for_greedy_and_seeded_rows(engine):
+    """One argmax for the greedy rows, one softmax and top-p cut for the sampled ones: a greedy row gets its
+    argmax and a seeded row exactly the token its own generator draws alone, whatever its neighbours are."""
+    logits, reqs = _batch_to_sample()
+    tokens, errors = engine._sample(logits, reqs, _generators(engine, reqs))
+    assert errors == {}
+    reference = _generators(engine, reqs)
+    for j, r in enumerate(reqs):
+        if r.temperature == 0.0:
+            assert tokens[j] == logits[j].argmax()
+        elif reference[j] is not None:
+            assert tokens[j] == _sample_one(logits[j], r, reference[j])[0], j
+    # The same seeded rows in another batch (reversed, without the unseeded ones) draw the same tokens.
+    seeded = [j for j, r in enumerate(reqs) if r.seed is not None][::-1]
+    again, _ = engine._sample(logits[seeded], [reqs[j] for j in seeded], _generators(engine, [reqs[j] for j in seeded]))
+    assert again.tolist() == tokens[seeded].tolist()
+
+
+def test_unseeded_rows_draw_inside_their_own_top_p_and_a_bad_row_fails_alone(engine):
+    import torch
+
+    logits, reqs = _batch_to_sample()
+    reqs = [Req(prompt="x", temperature=r.temperature, top_p=r.top_p) for r in reqs]  # all unseeded: one multinomial
+    for _ in range(5):
+        tokens, errors = engine._sample(logits, reqs, _generators(engine, reqs))
+        assert errors == {}
+        for j, r in enumerate(reqs):
+            if r.temperature:
+                assert _sample_one(logits[j], r, None)[1][tokens[j]] > 0, j  # a token the row's cut kept
+    logits[5] = float("nan")  # a sampled row whose probabilities are not finite
+    tokens, errors = engine._sample(logits, reqs, _generators(engine, reqs))
+    assert list(errors) == [5] and isinstance(errors[5], RuntimeError)
+    assert all(tokens[j] == logits[j].argmax() for j, r in enumerate(reqs) if r.temperature == 0.0)
+    assert not torch.isnan(logits[6]).any() and 0 <= int(tokens[6]) < logits.shape[1]

@@ -317,3 +317,83 @@ def test_info_says_which_model_and_how_it_was_loaded(served, engine):
 def test_empty_prompt_is_refused_at_prepare(served):
     with pytest.raises(ValueError, match="prompt is empty"):
         run(served.prepare(Req(prompt="", max_tokens=4)))
+
+
+def test_a_step_streams_every_rows_text_in_one_hand_off_and_the_same_text(served, engine):
+    """Regression: the engine thread called `call_soon_threadsafe` once per row per token, and each call
+    woke the event loop, whose Python then took the GIL from the decode thread. Now a step's text for
+    all its rows reaches the loop in one hand-off, and the streams still get token-by-token text that
+    adds up to what the engine gives offline."""
+    reqs = [Req(prompt=f"Story number {i}:", max_tokens=12 + i, ignore_eos=True) for i in range(8)]
+    offline = [r.text for r in engine.generate(reqs)]
+
+    async def go():
+        prepared = [await served.prepare(r) for r in reqs]
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        hand_offs = []
+
+        def counting(callback, *args, **kw):
+            hand_offs.append(callback)
+            return real(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counting
+        try:
+            steps = served.stats()["decode_steps"]
+            streams = served.submit(prepared)
+            chunks = [[] for _ in streams]
+
+            async def consume(i, stream):
+                async for out in stream:
+                    chunks[i].append(out.text)
+
+            await asyncio.gather(*(consume(i, s) for i, s in enumerate(streams)))
+            return streams, chunks, len(hand_offs), served.stats()["decode_steps"] - steps
+        finally:
+            loop.call_soon_threadsafe = real
+
+    streams, chunks, hand_offs, steps = run(go())
+    assert [s.result.text for s in streams] == ["".join(c) for c in chunks] == offline
+    assert steps == 12 + 7 - 1  # the prefill samples each row's first token
+    assert hand_offs == steps + 1  # the prefill's first tokens, then one per step
+    assert all(len(c) > 3 for c in chunks)  # still streamed as it was decoded
+
+
+def test_an_outbox_hands_each_loop_its_items_at_once_in_order():
+    from llmserve_nb.engine.protocol import GenerationResult, RequestStream, StreamOutbox
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        hand_offs = 0
+
+        def call_soon_threadsafe(self, *a, **k):
+            self.hand_offs += 1
+            return super().call_soon_threadsafe(*a, **k)
+
+    loops = [CountingLoop() for _ in range(3)]
+    streams = [RequestStream("a", loops[0]), RequestStream("b", loops[0]), RequestStream("c", loops[1]),
+               RequestStream("d", loops[2])]
+    loops[2].close()  # its consumer is gone: its items are dropped, the others still delivered
+    outbox = StreamOutbox()
+    done = GenerationResult("Hello world", 3, 2, "length")
+    for s in streams:
+        outbox.put(s, "Hello")
+    outbox.put(streams[0], " world")
+    outbox.put(streams[0], done)
+    outbox.put(streams[1], ValueError("bad row"))
+    outbox.flush()
+    outbox.flush()  # nothing new: no hand-off
+    assert [loop.hand_offs for loop in loops[:2]] == [1, 1]
+
+    async def read(stream):
+        try:
+            return [(out.text, out.result) async for out in stream]
+        except ValueError as e:
+            return str(e)
+
+    assert loops[0].run_until_complete(read(streams[0])) == [("Hello world", done)]
+    assert loops[0].run_until_complete(read(streams[1])) == "bad row"
+    outbox.put(streams[2], done)
+    outbox.flush()
+    assert loops[1].run_until_complete(read(streams[2])) == [("Hello", done)]  # what arrived meanwhile, coalesced
+    for loop in loops[:2]:
+        loop.close()

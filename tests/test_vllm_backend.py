@@ -31,10 +31,12 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from asgi_server import serving
+from starlette.testclient import TestClient
 from llmserve_nb.backends import application, config_of_application, get_backend, serve_config
 from llmserve_nb.backends.vllm import batch
 from llmserve_nb.backends.vllm import render as vllm_app
 from llmserve_nb.config import AppConfig, AutoscalingConfig, ConfigError, DeploymentConfig, EngineConfig
+from llmserve_nb.server import vllm_http
 from ray_cluster import HEAD_PORTS, RayClusterError, RayTestCluster, _log_tails, _pick_ports, _wait_nodes, stop_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +91,7 @@ def test_args_hold_only_what_builds_the_replica():
     app = rendered(vllm_config())
     (llm,) = app["args"]["llm_configs"]
     assert set(llm) <= {"model_loading_config", "engine_kwargs", "accelerator_config", "accelerator_type",
-                        "placement_group_config", "deployment_config", "runtime_env"}
+                        "placement_group_config", "deployment_config", "runtime_env", "server_cls"}
     assert llm["deployment_config"] == {"ray_actor_options": {"num_cpus": 0}}
     assert not keys_deep(app["args"]) & IN_PLACE_KEYS
     # Everything Serve can change in place differs only in `deployments:`, never in args.
@@ -151,7 +153,45 @@ def test_ingress_class_is_ours_and_keeps_rays_deployment_name():
     source = (REPO / (module.replace(".", "/") + ".py")).read_text()
     classes = {n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
     assert cls in classes and cls == vllm_app.INGRESS_DEPLOYMENT
-    assert "invalid or missing API key" in source
+    assert "from llmserve_nb.server.vllm_http import" in source and "invalid or missing API key" in vllm_http.AUTH_ERROR
+
+
+def direct_config(**env: str) -> AppConfig:
+    """A config that opts into Ray's direct streaming with Ray's own switch in its runtime_env."""
+    deployment = DeploymentConfig(max_queued_requests=9, retry_after_s=5, backpressure_status_code=429)
+    return vllm_config(deployment=deployment,
+                       runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": "k", **env, **vllm_app.DIRECT_STREAMING_ENV}})
+
+
+def test_direct_streaming_puts_the_key_check_on_the_server_class_and_the_edge_options_on_its_entry():
+    """Ray's direct streaming refuses any ingress_cls_config (ingress/builder.py,
+    _validate_direct_streaming_ingress_config): the layer rides on LLMConfig.server_cls instead, and the
+    LLMServer entry, now the HTTP edge, takes the ingress's admission control."""
+    cfg = direct_config(X="1")
+    app = rendered(cfg)
+    assert vllm_app.direct_streaming(cfg) and not vllm_app.direct_streaming(vllm_config())
+    assert set(app["args"]) == {"llm_configs"}
+    (llm,) = app["args"]["llm_configs"]
+    assert llm["server_cls"] == vllm_app.SERVER_CLS
+    module, _, cls = vllm_app.SERVER_CLS.partition(":")
+    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+    server = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    # Ray names the deployment after the class: ours keeps "LLMServer", and wraps the app it serves.
+    assert cls == "LLMServer" and "__serve_build_asgi_app__" in {f.name for f in server.body if hasattr(f, "name")}
+    (entry,) = app["deployments"]
+    assert entry["name"] == "LLMServer:Qwen2_5-0_5B-Instruct"
+    assert entry["max_queued_requests"] == 9
+    assert entry["backpressure_config"] == {"status_code": 429, "retry_after_s": 5}
+    assert app["runtime_env"] == cfg.runtime_env  # Ray's switch, read by Serve's build task from here
+    assert get_backend("vllm").deployment_names(cfg) == [entry["name"], vllm_app.ROUTER_DEPLOYMENT]
+    back = config_of_application(json.loads(json.dumps(app)))
+    assert back.deployment.max_queued_requests == 9 and application(back) == app
+    # Only the class differs in what builds the replica: the engine and its environment are the same.
+    classic = rendered(vllm_config(deployment=cfg.deployment, runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": "k",
+                                                                                        "X": "1"}}))
+    (plain,) = classic["args"]["llm_configs"]
+    assert {k: v for k, v in llm.items() if k not in ("server_cls", "runtime_env")} == \
+        {k: v for k, v in plain.items() if k != "runtime_env"}
 
 
 def test_cpu_reservation_follows_deployment_num_cpus_and_fits_two_cores():
@@ -307,6 +347,179 @@ def test_cli_registers_vllm_env(capsys):
     assert "--path" in capsys.readouterr().out
 
 
+# ---- the HTTP layer (vllm_http), without Ray: in front of a stand-in for vLLM's / Ray's FastAPI app --------
+def stand_in_app(seen: list) -> Starlette:
+    """What the layer wraps: `/v1/completions` echoes what it got (or fails on "fail"), plus a route only vLLM's
+    own app has, and a `/health` the layer must answer before it. Its middleware stack is built at once, as
+    vLLM's `build_app` does."""
+    async def completions(request: Request):
+        body = await request.json()
+        seen.append((request.url.path, request.headers.get("authorization"), body))
+        if body["prompt"] == "fail":
+            return JSONResponse({"error": {"message": "engine says no", "type": "BadRequestError", "param": None,
+                                           "code": 400}}, status_code=400)
+        return JSONResponse({"choices": [{"text": f"<{body['prompt']}>", "index": 0}], "usage": {}})
+
+    async def vllm_only(request: Request):
+        return JSONResponse({"vllm": True})
+
+    async def engine_health(request: Request):
+        return PlainTextResponse("")
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                            Route("/v1/responses", vllm_only, methods=["POST"]), Route("/health", engine_health)])
+    app.middleware_stack = app.build_middleware_stack()
+    return app
+
+
+def layered(api_key: str | None, root_path: str = "") -> tuple[TestClient, list]:
+    seen: list = []
+    app = stand_in_app(seen)
+    vllm_http.install(app, api_key=api_key, model_ids=["m"])
+    vllm_http.install(app, api_key=api_key, model_ids=["m"])  # Serve may hand the app over twice: one layer
+    return TestClient(app, root_path=root_path), seen
+
+
+def test_layer_refuses_a_wrong_or_missing_key_with_an_openai_401_on_every_route():
+    client, seen = layered("k1")
+    good = {"Authorization": "Bearer k1"}
+    for headers in ({}, {"Authorization": "Bearer k2"}, {"Authorization": "k1"}):
+        for path in ("/v1/completions", "/v1/responses", "/generate", "/metrics", "/anything"):
+            r = client.post(path, json={"model": "m", "prompt": "x"}, headers=headers)
+            assert r.status_code == 401, (path, headers)
+            assert r.json() == {"error": {"message": vllm_http.AUTH_ERROR, "type": "authentication_error",
+                                          "param": None, "code": 401}}
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert client.post("/v1/completions", content=b"{", headers={}).status_code == 401  # before body parsing
+    assert seen == []  # nothing reached the app behind the layer
+    assert client.post("/v1/completions", json={"prompt": "x"}, headers=good).json()["choices"][0]["text"] == "<x>"
+    assert client.post("/v1/responses", json={}, headers=good).json() == {"vllm": True}
+    assert client.options("/v1/completions").status_code != 401  # CORS preflights carry no key
+    health = client.get("/health")  # the probe stays open and is the layer's, not the engine's empty 200
+    assert health.status_code == 200 and health.json() == {"status": "ok", "models": ["m"]}
+
+
+def test_layer_without_a_key_is_open_and_strips_the_route_prefix():
+    client, _ = layered(None)
+    assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 200
+    prefixed, seen = layered("k1", root_path="/o")
+    assert prefixed.get("/o/health").json()["status"] == "ok"
+    assert prefixed.post("/o/v1/completions", json={"prompt": "x"}).status_code == 401
+    r = prefixed.post("/o/generate", json={"prompt": "hi"}, headers={"Authorization": "Bearer k1"})
+    assert r.json() == {"generated_text": "<hi>"} and seen[-1][0] == "/o/v1/completions"
+
+
+def test_generate_is_the_transformers_route_answered_by_the_apps_own_completions():
+    from llmserve_nb.server import openai_api
+
+    # The same body and answer as the transformers app's /generate.
+    for ours, theirs in ((vllm_http.GenerateRequest, openai_api.GenerateRequest),
+                         (vllm_http.GenerateResponse, openai_api.GenerateResponse)):
+        def schema(model) -> dict:
+            return {k: v for k, v in model.model_json_schema().items() if k != "description"}
+        assert schema(ours) == schema(theirs)
+    client, seen = layered("k1")
+    auth = {"Authorization": "Bearer k1"}
+    r = client.post("/generate", json={"prompt": "Paris is", "max_new_tokens": 7}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"generated_text": "<Paris is>"}
+    path, header, body = seen[-1]
+    assert (path, header) == ("/v1/completions", "Bearer k1")  # the inner hop keeps the caller's key
+    assert body == {"model": "m", "prompt": "Paris is", "max_tokens": 7, "temperature": 0.0, "stream": False}
+    assert client.post("/generate", json={"prompt": "x"}, headers=auth).status_code == 200
+    assert seen[-1][2]["max_tokens"] == 64  # the transformers route's default
+    # Bad bodies: the transformers app's 400s, one readable message, OpenAI-shaped.
+    for bad, message in (({"prompt": ""}, "prompt: String should have at least 1 character"),
+                         ({"prompt": "x", "max_new_tokens": 999}, "max_new_tokens: Input should be less than or equal"),
+                         ({"prompt": "x", "temperature": 1}, "temperature: Extra inputs are not permitted"),
+                         (b"{", "request body is not valid JSON"),
+                         ([1], "request body must be a JSON object")):
+        r = client.post("/generate", headers=auth, **({"content": bad} if isinstance(bad, bytes) else {"json": bad}))
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert message in r.json()["error"]["message"], r.text
+    # The completion's own error comes back as it is.
+    failed = client.post("/generate", json={"prompt": "fail"}, headers=auth)
+    assert failed.status_code == 400 and failed.json()["error"]["message"] == "engine says no"
+    assert client.get("/generate", headers=auth).status_code in (404, 405)  # POST only, as in the transformers app
+
+
+# ---- Ray's own builder and LLMServer code with our classes, in the vLLM venv, without a cluster or an engine ------
+RAY_BUILD_CHECK = r"""
+import asyncio, json, sys, types
+import ray
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+from ray.llm._internal.serve.core.ingress import builder
+from llmserve_nb.server import vllm_ingress
+
+# The builder reads the driver's runtime_env (in Serve, the build task's): no Ray runs here, and none is joined.
+ray.get_runtime_context = lambda: types.SimpleNamespace(runtime_env={})
+
+
+def build(app, direct):
+    # What RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING (app runtime_env) sets in the build task, read at import.
+    builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING = direct
+    built = builder.build_openai_app(app["args"])
+    dep, router = built._bound_deployment, getattr(built, "_ingress_request_router", None)
+    return dep, {"deployment": dep.name, "router": router._bound_deployment.name if router else None,
+                 "ours": [c.__name__ for c in (vllm_ingress.LLMServer, vllm_ingress.OpenAiIngress)
+                          if issubclass(dep.func_or_class, c)]}
+
+
+class Engine:  # a stand-in for vLLM's engine: its built FastAPI app, middleware stack cached as build_app leaves it
+    async def build_asgi_app(self):
+        api = FastAPI()
+
+        @api.post("/v1/completions")
+        async def completions(body: dict):
+            return {"choices": [{"text": "engine"}]}
+
+        api.middleware_stack = api.build_middleware_stack()
+        return api
+
+
+classic, direct = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = {"ingress": build(classic, False)[1]}
+dep, out["direct"] = build(direct, True)
+# What the LLMServer replica does at start with direct streaming: Ray's __serve_build_asgi_app__, then our layer.
+server = dep.func_or_class.sync_init(LLMConfig.model_validate(direct["args"]["llm_configs"][0]), engine_cls=Engine)
+server.engine = Engine()
+client = TestClient(asyncio.run(server.__serve_build_asgi_app__()))
+body, key = {"model": "m", "prompt": "x"}, {"Authorization": "Bearer k"}
+out["statuses"] = [client.post("/v1/completions", json=body).status_code,
+                   client.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code,
+                   client.post("/generate", json={"prompt": "x"}).status_code,
+                   client.post("/v1/completions", json=body, headers=key).status_code,
+                   client.post("/generate", json={"prompt": "x"}, headers=key).json()]
+try:
+    build(classic, True)
+except ValueError as e:
+    out["ingress_under_direct"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+def test_rays_builder_takes_our_classes_in_both_modes(vllm_venv: Path):
+    """Ray's direct streaming refuses a custom ingress class; the rendering that moves the key check onto
+    LLMConfig.server_cls passes Ray's own checks, and the app Ray's LLMServer code builds refuses a wrong key
+    and answers /generate. One process for both modes: importing Ray Serve LLM and vLLM takes 15-30 s."""
+    apps = [json.dumps(application(c)) for c in (vllm_config(runtime_env={"env_vars": {"LLMSERVE_NB_API_KEY": "k"}}),
+                                                  direct_config())]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_AUTO_CONNECT": "0", "LLMSERVE_NB_API_KEY": "k"}
+    env.pop("VIRTUAL_ENV", None)
+    run = subprocess.run([str(vllm_venv / "bin" / "python"), "-c", RAY_BUILD_CHECK, *apps], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.split("RESULT ", 1)[1])
+    assert got["ingress"] == {"deployment": "OpenAiIngress", "router": None, "ours": ["OpenAiIngress"]}
+    assert got["direct"] == {"deployment": "LLMServer:Qwen2_5-0_5B-Instruct", "router": vllm_app.ROUTER_DEPLOYMENT,
+                             "ours": ["LLMServer"]}
+    assert got["statuses"] == [401, 401, 401, 200, {"generated_text": "engine"}]
+    # Why the rendering moves the layer: Ray refuses our ingress class under direct streaming.
+    assert "does not support ingress_cls_config" in got["ingress_under_direct"]
+
+
 # ---- the real thing: Ray Serve LLM on CPU (slow; `vllm_venv` is conftest's) -----------------------
 def _start_vllm_head(venv: Path, num_cpus: int, timeout_s: float) -> RayTestCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="lsnb-vllm-", dir="/tmp"))
@@ -426,11 +639,25 @@ class TestRayServeLLMOnCPU:
             assert "invalid or missing API key" in r.json()["error"]["message"]
         # Refused before the body is parsed: a malformed body without a key is still a 401.
         assert httpx.post(f"{app.base_url}/v1/chat/completions", content=b"{", timeout=30).status_code == 401
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(f"{app.base_url}/generate", json={"prompt": "x"}, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
         assert httpx.get(f"{app.base_url}/v1/models", timeout=30).status_code == 401
         models = httpx.get(f"{app.base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         assert [m["id"] for m in models.json()["data"]] == [app.model]
         health = httpx.get(f"{app.base_url}/health", timeout=30)  # probes stay open
         assert health.status_code == 200 and health.json()["status"] == "ok"
+
+    def test_generate_is_the_transformers_route_and_answers_like_a_greedy_completion(self, app, client):
+        prompt = "The capital of France is"
+        r = httpx.post(f"{app.base_url}/generate", json={"prompt": prompt, "max_new_tokens": 8},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        completion = client.completions.create(model=app.model, prompt=prompt, max_tokens=8, temperature=0)
+        assert r.json() == {"generated_text": completion.choices[0].text}
+        bad = httpx.post(f"{app.base_url}/generate", json={"prompt": ""}, headers={"Authorization": f"Bearer {KEY}"},
+                         timeout=30)
+        assert bad.status_code == 400 and "prompt" in bad.json()["error"]["message"]
 
     def test_streaming_matches_non_streaming(self, app, client):
         plain = client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=24)
@@ -467,7 +694,9 @@ class TestRayServeLLMOnCPU:
         assert time.monotonic() - t0 < 60, "an in-place update should not reload the model"
         assert replica_ids() == before, "replicas were replaced: the options did not update in place"
         deployed = entries(remote.serve_details()["applications"][app.name]["deployed_app_config"])
-        assert deployed["OpenAiIngress"]["max_ongoing_requests"] == 20
+        server = vllm_app.llm_server_deployment_name(app.model)
+        assert deployed[server]["max_ongoing_requests"] == 20
+        assert deployed[vllm_app.INGRESS_DEPLOYMENT]["max_queued_requests"] == 10
         r = client.chat.completions.create(model=app.model, messages=QUESTION, temperature=0, max_tokens=16)
         assert "Paris" in r.choices[0].message.content
 

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from llmserve_nb.cluster.client import Cluster
 from llmserve_nb.cluster.errors import ClusterError
+from llmserve_nb.cluster.fastpath import embedded_env, started_with
 from llmserve_nb.cluster.ports import free_port
 
 DASHBOARD_PORT = 8265
@@ -85,19 +86,21 @@ def _start_local(num_cpus: int | None, dashboard_port: int | None, serve_port: i
         # start-up timeout.
         dport = dashboard_port or free_port(0)
         try:
-            ctx = ray.init(
-                # "local" always starts a fresh cluster; plain ray.init() would silently attach to
-                # whatever `ray start` left running on this machine.
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dport,
-                namespace="llmserve_nb",
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                configure_logging=True,
-            )
+            # Serve's fast path is the cluster's environment, read by each Ray process as it starts.
+            with started_with(embedded_env()):
+                ctx = ray.init(
+                    # "local" always starts a fresh cluster; plain ray.init() would silently attach to
+                    # whatever `ray start` left running on this machine.
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=dport,
+                    namespace="llmserve_nb",
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                    configure_logging=True,
+                )
             break
         except Exception as e:
             ray.shutdown()

@@ -7,7 +7,11 @@ its decode step) and `ContinuousBatcher` (the scheduler thread); `loading` finds
 places the model; `cpu_linear` runs its Linear layers on oneDNN on CPU; `detokenizer` turns ids into
 streamable text.
 """
-from llmserve_nb.engine.hf import HFEngine
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from llmserve_nb.engine.loading import embedded_model_path, local_model_dir, pick_device_dtype
 from llmserve_nb.engine.protocol import (
     Engine,
@@ -18,8 +22,21 @@ from llmserve_nb.engine.protocol import (
     RequestOutput,
     RequestStream,
 )
-from llmserve_nb.engine.scheduler import ContinuousBatcher, TransformersEngine
 from llmserve_nb.config import EngineConfig
+
+if TYPE_CHECKING:
+    from llmserve_nb.engine.hf import HFEngine
+
+# The model side imports torch and transformers (seconds of CPU): Serve's build task imports the app only
+# to build it, never to run a model, so these load on first use, in the replica.
+_MODEL_SIDE = {"HFEngine": "llmserve_nb.engine.hf", "ContinuousBatcher": "llmserve_nb.engine.scheduler",
+               "TransformersEngine": "llmserve_nb.engine.scheduler"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODEL_SIDE:
+        return getattr(importlib.import_module(_MODEL_SIDE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ContinuousBatcher",
@@ -42,10 +59,14 @@ __all__ = [
 
 def create_engine(cfg: EngineConfig) -> Engine:
     """The serving engine `cfg` describes, loaded and running (what a replica serves)."""
+    from llmserve_nb.engine.scheduler import TransformersEngine
+
     return TransformersEngine(cfg)
 
 
 def load_engine(cfg: EngineConfig | None = None) -> HFEngine:
     """Load the transformers model for offline use (`HFEngine.generate`, one static batch). The server's
     engine comes from `create_engine`."""
+    from llmserve_nb.engine.hf import HFEngine
+
     return HFEngine(cfg or EngineConfig())

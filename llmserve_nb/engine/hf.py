@@ -294,15 +294,17 @@ class HFEngine:
 
     def _absorb(self, batch: DecodeBatch, logits) -> None:
         """Sample, stream and finish rows. A row whose sampling or detokenization fails is failed alone."""
-        reqs = [r.out.request for r in batch.rows]
-        next_ids, sample_errors = self._sample(logits.float(), reqs, [r.generator for r in batch.rows])
+        rows = batch.rows
+        next_ids, sample_errors = self._sample(logits.float(), [r.out.request for r in rows],
+                                               [r.generator for r in rows])
         batch.next_ids = next_ids
         leaving: list[int] = []
-        for i, row in enumerate(batch.rows):
+        # One conversion per step: indexing the tensor per row costs more than the row's detokenization.
+        for i, (row, token) in enumerate(zip(rows, next_ids.tolist())):
             try:
                 if i in sample_errors:
                     raise sample_errors[i]
-                delta = row.out.push(int(next_ids[i]))
+                delta = row.out.push(token)
                 if delta:
                     row.emit(delta)
                 if row.out.done:
@@ -388,27 +390,53 @@ class HFEngine:
 
     @staticmethod
     def _sample(logits, reqs: list[GenerationRequest], generators) -> tuple[Any, dict[int, Exception]]:
-        """Next token per row; errors are per row (e.g. probabilities that are not finite)."""
+        """Next token per row; errors are per row (e.g. probabilities that are not finite).
+
+        Greedy rows take one argmax over the batch; sampled rows share one softmax and top-p cut with
+        per-row temperature and top_p, and the unseeded ones one multinomial. A seeded row draws
+        from its own generator, so its text depends only on its seed."""
         import torch
 
         greedy = logits.argmax(-1)
-        errors: dict[int, Exception] = {}
-        if all(r.temperature < GREEDY_BELOW for r in reqs):
-            return greedy, errors
+        sampled = [j for j, r in enumerate(reqs) if r.temperature >= GREEDY_BELOW]
+        if not sampled:
+            return greedy, {}
         out = greedy.clone()
-        for j, r in enumerate(reqs):
-            if r.temperature < GREEDY_BELOW:
-                continue
+        probs = _probabilities(logits[sampled], [reqs[j] for j in sampled])
+        errors: dict[int, Exception] = {}
+        unseeded = [k for k, j in enumerate(sampled) if generators[j] is None]
+        if unseeded:
             try:
-                probs = torch.softmax(logits[j] / r.temperature, dim=-1)
-                if r.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-                    cut = (sorted_p.cumsum(-1) - sorted_p) >= r.top_p
-                    cut[0] = False  # a top_p that rounds to 0 in float32 (fuzzer: 5e-324) still keeps one
-                    sorted_p[cut] = 0
-                    probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-                out[j] = torch.multinomial(probs, 1, generator=generators[j])[0]
-            except RuntimeError as e:
-                errors[j] = e
+                out[[sampled[k] for k in unseeded]] = torch.multinomial(probs[unseeded], 1)[:, 0]
+            except RuntimeError:  # a row whose probabilities are not finite: each alone, to blame only it
+                for k in unseeded:
+                    try:
+                        out[sampled[k]] = torch.multinomial(probs[k], 1)[0]
+                    except RuntimeError as e:
+                        errors[sampled[k]] = e
+        for k, j in enumerate(sampled):
+            if generators[j] is not None:
+                try:
+                    out[j] = torch.multinomial(probs[k], 1, generator=generators[j])[0]
+                except RuntimeError as e:
+                    errors[j] = e
         return out, errors
+
+
+def _probabilities(logits, reqs: list[GenerationRequest]):
+    """Each row's sampling distribution: softmax at its temperature, then its top-p cut (the smallest
+    prefix of the sorted probabilities whose mass reaches top_p, always at least the top token)."""
+    import torch
+
+    temperature = torch.tensor([r.temperature for r in reqs], dtype=logits.dtype, device=logits.device)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    if all(r.top_p >= 1.0 for r in reqs):
+        return probs
+    # top_p 1 keeps everything: a cumulative sum that rounds up to 1 before the tail must not cut it.
+    top_p = torch.tensor([r.top_p if r.top_p < 1.0 else float("inf") for r in reqs], dtype=logits.dtype,
+                         device=logits.device)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    cut = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
+    cut[:, 0] = False  # a top_p that rounds to 0 in float32 (fuzzer: 5e-324) still keeps one
+    sorted_p[cut] = 0
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)

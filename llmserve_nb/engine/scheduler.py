@@ -2,7 +2,8 @@
 
 One thread owns the model. Between decode steps it admits new requests (one prefill per admission
 group, merged into the running batch), applies aborts, and steps every running row; each row
-leaves the batch, and its stream ends, the step it finishes. Failures are isolated: a failed
+leaves the batch, and its stream ends, the step it finishes. What a step streams (every row's new
+text, results and failures) goes to the event loop in one hand-off (`StreamOutbox`). Failures are isolated: a failed
 prefill fails only its admission group, a row whose sampling fails only that row; a failed
 forward pass of the running batch fails the rows it carried (it cannot blame one), and the loop
 goes on serving. The loop ends only when the engine is closed, or on a bug in the loop itself (or
@@ -16,6 +17,7 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Sequence
 
 from llmserve_nb.config import EngineConfig
@@ -25,6 +27,7 @@ from llmserve_nb.engine.protocol import (
     GenerationRequest,
     PreparedRequest,
     RequestStream,
+    StreamOutbox,
     new_request_id,
 )
 
@@ -44,10 +47,13 @@ class _Closing(Exception):
 
 
 class ContinuousBatcher:
-    """The scheduler thread: admission groups join the running decode loop between steps."""
+    """The scheduler thread: admission groups join the running decode loop between steps. Rows whose
+    callbacks put into `outbox` reach their streams when the loop flushes it: after admission and
+    aborts (first tokens without waiting for a step), after each step, and when the loop ends."""
 
     def __init__(self, engine: HFEngine, max_num_seqs: int = 64):
         self.engine = engine
+        self.outbox = StreamOutbox()
         self.max_num_seqs = max_num_seqs
         self._pending: deque[list[Row]] = deque()
         self._aborts: set[str] = set()
@@ -198,6 +204,8 @@ class ContinuousBatcher:
             for new in self._prefill(taken) if taken else []:
                 if new.rows:
                     batch = new if batch is None or not batch.rows else self.engine.merge(batch, new)
+            if taken or aborts:
+                self.outbox.flush()
             if batch is not None and batch.rows:
                 self.running_max = max(self.running_max, len(batch.rows))
                 self.width_max = max(self.width_max, batch.width + 1)  # the step adds a column
@@ -209,6 +217,7 @@ class ContinuousBatcher:
                         row.fail(e)
                     batch = None
                 self.steps += 1
+                self.outbox.flush()
             with self._cond:
                 self._running = batch if batch is not None and batch.rows else None
 
@@ -229,6 +238,7 @@ class ContinuousBatcher:
             self._running = None
         for row in rows:
             row.fail(EngineDeadError(reason))
+        self.outbox.flush()
 
 
 class TransformersEngine:
@@ -256,8 +266,9 @@ class TransformersEngine:
         rows = []
         for p, s in zip(prepared, streams):
             try:  # a request that cannot be set up fails alone, not its admission group
+                put = partial(self.batcher.outbox.put, s)
                 rows.append(Row(self.model.new_output(p.request, len(p.prompt_ids)), p.prompt_ids,
-                                self.model.generator(p.request), emit=s.push_text, finish=s.finish, fail=s.fail,
+                                self.model.generator(p.request), emit=put, finish=put, fail=put,
                                 request_id=p.request_id))
             except Exception as e:
                 s.fail(e)

@@ -1,27 +1,29 @@
-"""The OpenAI ingress of the vLLM backend: Ray Serve LLM's `OpenAiIngress` plus this project's API key
-and a `/health` probe. Ray's own ingress enforces no key at all (its `engine_kwargs.api_key` is ignored).
+"""The vLLM app's HTTP edge: Ray Serve LLM's classes with this project's API key, `/health` and `/generate`
+(`llmserve_nb.server.vllm_http.VllmHttpLayer`). Ray's own ingress enforces no key at all (its
+`engine_kwargs.api_key` is ignored).
 
-`llmserve_nb.backends.vllm.render` names this class in `build_openai_app`'s `ingress_cls_config`, Ray's extension
-point for the ingress; Ray builds the FastAPI routes from it exactly as for its own class. It keeps
-Ray's class name, so the deployment is still called `OpenAiIngress` (Ray's dashboards and the
-`deployments:` overrides rely on that name).
+Ray Serve LLM answers HTTP in one of two classes, so there are two subclasses, each keeping Ray's class name
+(Ray names the deployments after them: `OpenAiIngress` and `LLMServer:<model_id>`, which its dashboards and
+the `deployments:` overrides rely on):
+- `OpenAiIngress` (the default path): named in `build_openai_app`'s `ingress_cls_config`, Ray's extension
+  point for the ingress. Ray builds the FastAPI routes from it as for its own class; the layer wraps that
+  app, and each OpenAI endpoint checks the key again (defence in depth: the routes stay closed even if the
+  ASGI hook were not called; importing this module fails if Ray added an endpoint we do not wrap).
+- `LLMServer` (with `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`): there is no ingress replica, and Ray refuses
+  any `ingress_cls_config` (`ray.llm._internal.serve.core.ingress.builder._validate_direct_streaming_ingress_config`),
+  but it takes the server class from `LLMConfig.server_cls` and builds the HTTP app in the replica with
+  `LLMServer.__serve_build_asgi_app__` (vLLM's own FastAPI app). Our subclass wraps that app with the layer.
 
 - The key comes from `config.API_KEY_ENV` in the replica's environment (the application's
   `runtime_env.env_vars`, as for the transformers app). Unset or empty: no key is required.
-- Every request needs `Authorization: Bearer <key>`, checked before the body is parsed; otherwise a 401
-  with an OpenAI-shaped JSON error whose message contains "invalid or missing API key". `/health`,
-  FastAPI's docs and CORS preflights stay open.
-- Defence in depth: each OpenAI endpoint checks the key again, so the routes stay closed even if the
-  ASGI hook below were not called; importing this module fails if Ray added an endpoint we do not wrap.
 
 Import it only where Ray Serve LLM imports (the vLLM venv: `llmserve-nb vllm-env`).
 """
 import os
-import secrets
 from typing import Annotated, Any, Optional
 
 from fastapi import Form, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
@@ -36,77 +38,44 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     TranscriptionRequest,
 )
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+from ray.serve.llm.deployment import LLMServer as _RayLLMServer
 from ray.serve.llm.ingress import OpenAiIngress as _RayOpenAiIngress
 
 from llmserve_nb.config import API_KEY_ENV
+from llmserve_nb.server.vllm_http import AUTH_ERROR, authorized, install
 
-__all__ = ["AUTH_ERROR", "OPEN_PATHS", "OpenAiIngress"]
-
-AUTH_ERROR = "invalid or missing API key (send 'Authorization: Bearer <key>')"
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+__all__ = ["LLMServer", "OpenAiIngress"]
 
 
-def _authorized(header: Optional[str], key: str) -> bool:
-    return header is not None and secrets.compare_digest(header.encode(), f"Bearer {key}".encode())
+def _api_key() -> Optional[str]:
+    return os.environ.get(API_KEY_ENV) or None
 
 
-def _unauthorized() -> JSONResponse:
-    return JSONResponse(
-        status_code=401,
-        content={"error": {"message": AUTH_ERROR, "type": "authentication_error", "param": None, "code": 401}},
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+class LLMServer(_RayLLMServer):
+    """Ray Serve LLM's model server; with direct streaming it is the HTTP edge, so the layer wraps its app."""
 
-
-class _ApiKeyMiddleware:
-    """Pure ASGI: refuses unauthorized HTTP requests before routing, body parsing or streaming start."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.api_key = api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("method") != "OPTIONS":
-            path = scope.get("path", "")
-            root = scope.get("root_path", "")
-            if root and root != "/" and path.startswith(root):
-                path = path[len(root):] or "/"
-            if path not in OPEN_PATHS:
-                header = None
-                for name, value in scope.get("headers") or ():
-                    if name == b"authorization":
-                        header = value.decode("latin-1")
-                        break
-                if not _authorized(header, self.api_key):
-                    await _unauthorized()(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+    async def __serve_build_asgi_app__(self):
+        app = await super().__serve_build_asgi_app__()
+        install(app, api_key=_api_key(), model_ids=[self._llm_config.model_id])
+        return app
 
 
 class OpenAiIngress(_RayOpenAiIngress):
-    """Ray Serve LLM's OpenAI ingress with the project's API key and a `/health` route."""
+    """Ray Serve LLM's OpenAI ingress behind the layer, every OpenAI endpoint key-checked again."""
 
     def __init__(self, llm_deployments, model_cards, **kwargs: Any):
         super().__init__(llm_deployments, model_cards, **kwargs)
-        self._api_key = os.environ.get(API_KEY_ENV) or None
+        self._api_key = _api_key()
 
-    # ---- the ASGI app: auth before routing, plus /health ------------------------------------
     def _set_asgi_app(self, app) -> None:
         # Serve's ingress wrapper calls this once per replica with the FastAPI app Ray built from this
-        # class (`ASGIAppReplicaWrapper._set_asgi_app`), before the app starts: routes and middleware
-        # can still be added here, and the app stays a FastAPI app (Serve's docs link keeps working).
-        if not getattr(app, "_llmserve_nb_ready", False):
-            app.add_api_route("/health", self._health, methods=["GET"], summary="Liveness: the ingress is up")
-            if self._api_key:
-                app.add_middleware(_ApiKeyMiddleware, api_key=self._api_key)
-            app._llmserve_nb_ready = True
+        # class (`ASGIAppReplicaWrapper._set_asgi_app`), before the app starts; the app stays a FastAPI
+        # app (Serve's docs link keeps working).
+        install(app, api_key=self._api_key, model_ids=list(self._model_cards))
         super()._set_asgi_app(app)
 
-    async def _health(self) -> dict:
-        return {"status": "ok", "models": sorted(self._model_cards)}
-
     def _check(self, request: Optional[Request]) -> None:
-        if self._api_key and not _authorized(
+        if self._api_key and not authorized(
             request.headers.get("authorization") if request is not None else None, self._api_key
         ):
             raise OpenAIHTTPException(status_code=401, message=AUTH_ERROR, type="authentication_error")

@@ -48,7 +48,9 @@ class VllmBackend(Backend):
         return render.config_of(app)
 
     def deployment_names(self, config: AppConfig) -> list[str]:
-        return [render.llm_server_deployment_name(config.engine.model_name), render.INGRESS_DEPLOYMENT]
+        # With direct streaming Ray's LLMRouter takes the ingress's place (see render.direct_streaming).
+        front = render.ROUTER_DEPLOYMENT if render.direct_streaming(config) else render.INGRESS_DEPLOYMENT
+        return [render.llm_server_deployment_name(config.engine.model_name), front]
 
     def engine_selector(self, config: AppConfig) -> str:
         # vLLM's metrics carry model_name only.

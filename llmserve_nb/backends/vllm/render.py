@@ -22,6 +22,14 @@ Admission control sits at the HTTP edge: the ingress admits at most the model's 
 `backpressure_status_code` with Retry-After. The `LLMServer` queue is left unbounded: a refusal there
 would surface inside the ingress as a 500, not as backpressure.
 
+Ray's direct streaming is opted into with Ray's own switch, `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` in the
+config's `runtime_env.env_vars` (`DIRECT_STREAMING_ENV`; Serve's build task reads it from the app's runtime_env).
+The app then has no ingress replica: the `LLMServer` replicas answer HTTP with vLLM's own app, and Ray adds an
+`LLMRouter` deployment that HAProxy asks for a replica. Ray refuses any `ingress_cls_config` then, so our
+`LLMServer` subclass (`LLMConfig.server_cls`) carries the API key, `/health` and `/generate`, and the `LLMServer`
+entry, now the HTTP edge, takes the admission control (`max_queued_requests`, backpressure). Serve builds such an
+app only where the cluster runs HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`, part of `HIGH_THROUGHPUT_ENV`).
+
 `check` refuses what Ray Serve LLM cannot run; `application` renders a checked config and `config_of`
 reads a deployed entry back. Rendering needs no vLLM: it works in the notebook's environment (the embedded
 model's safetensors copy is made with `llmserve_nb.engine`). The replicas run in a venv with vLLM
@@ -46,13 +54,17 @@ from llmserve_nb.backends.serve_options import (
 from llmserve_nb.config import API_KEY_ENV, EMBEDDED_MODEL, AppConfig, ConfigError, EngineConfig
 
 __all__ = [
+    "DIRECT_STREAMING_ENV",
     "HIGH_THROUGHPUT_ENV",
     "IMPORT_PATH",
     "INGRESS_CLS",
     "INGRESS_DEPLOYMENT",
+    "ROUTER_DEPLOYMENT",
+    "SERVER_CLS",
     "application",
     "check",
     "config_of",
+    "direct_streaming",
     "llm_config",
     "llm_server_deployment_name",
 ]
@@ -60,6 +72,11 @@ __all__ = [
 IMPORT_PATH = "ray.serve.llm:build_openai_app"  # Ray Serve LLM's own app builder
 INGRESS_CLS = "llmserve_nb.server.vllm_ingress:OpenAiIngress"
 INGRESS_DEPLOYMENT = "OpenAiIngress"  # our ingress keeps Ray's class name, hence Ray's deployment name
+# Direct streaming: our LLMServer (Ray's name kept, so the deployment is still `LLMServer:<model_id>`) is the
+# HTTP edge, and Ray adds its `LLMRouter` deployment to pick a replica.
+SERVER_CLS = "llmserve_nb.server.vllm_ingress:LLMServer"
+ROUTER_DEPLOYMENT = "LLMRouter"
+DIRECT_STREAMING_ENV = {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"}
 # Ray's high-throughput Serve mode (Ray >= 2.55; its KubeRay guide sets both on every pod): HAProxy instead
 # of Serve's Python proxy, and gRPC between replicas. Every Ray process reads them at start, so they are
 # the cluster's environment, not the app's. Measured against bare vLLM on 2 CPU cores (benchmarks/
@@ -179,6 +196,12 @@ def _tidy(bundle: dict[str, float]) -> dict[str, float]:
     return {k: (int(v) if float(v).is_integer() else v) for k, v in bundle.items()}
 
 
+def direct_streaming(config: AppConfig) -> bool:
+    """Whether `config` opts into Ray's direct streaming (`DIRECT_STREAMING_ENV` in its runtime_env)."""
+    env = (config.runtime_env or {}).get("env_vars") or {}
+    return all(str(env.get(k)) == v for k, v in DIRECT_STREAMING_ENV.items())
+
+
 def llm_config(config: AppConfig) -> dict[str, Any]:
     """The one `LLMConfig` (as a dict) in `args.llm_configs`: everything that builds an LLMServer replica."""
     kw = engine_kwargs(config)
@@ -192,6 +215,8 @@ def llm_config(config: AppConfig) -> dict[str, Any]:
         # replace the runtime_env Ray Serve LLM builds for the replica (its VLLM_* variables included).
         "deployment_config": {"ray_actor_options": actor},
     }
+    if direct_streaming(config):
+        cfg["server_cls"] = SERVER_CLS
     if config.deployment.accelerator_type:
         cfg["accelerator_type"] = config.deployment.accelerator_type
     env = _engine_env(config)
@@ -203,11 +228,14 @@ def llm_config(config: AppConfig) -> dict[str, Any]:
 def llm_server_options(config: AppConfig) -> dict[str, Any]:
     """The `deployments:` entry of `LLMServer:<model_id>` (without its name): all updated in place."""
     d = config.deployment
+    # Behind the ingress the queue is unbounded on purpose: the ingress is the only caller and admits at most
+    # the model's capacity, and a refusal at this hop would reach the client as a 500 instead of backpressure.
+    # With direct streaming this is the HTTP edge, so the edge's admission control goes here.
+    admission = ({"max_queued_requests": config.max_queued_requests, "backpressure_config": d.backpressure_config()}
+                 if direct_streaming(config) else {"max_queued_requests": -1})
     return {
         "max_ongoing_requests": config.max_ongoing_requests,
-        # Unbounded here on purpose: the ingress is the only caller and admits at most the model's
-        # capacity; a refusal at this hop would reach the client as a 500 instead of backpressure.
-        "max_queued_requests": -1,
+        **admission,
         **d.health_check_options(),
         **d.graceful_shutdown_options(),
         # Always rendered, a fixed count pinned (see DeploymentConfig.serve_autoscaling_config): switching
@@ -268,20 +296,16 @@ def check(config: AppConfig) -> None:
 def application(config: AppConfig) -> dict[str, Any]:
     """One entry of `applications:` (Serve deploy config / RayService serveConfigV2), for a config `check`
     accepted."""
-    model_id = config.engine.model_name
-    app: dict[str, Any] = {
-        "name": config.name,
-        "route_prefix": config.route_prefix,
-        "import_path": IMPORT_PATH,
-        "args": {
-            "llm_configs": [llm_config(config)],
-            "ingress_cls_config": {"ingress_cls": INGRESS_CLS},
-        },
-        "deployments": [
-            {"name": llm_server_deployment_name(model_id), **llm_server_options(config)},
-            {"name": INGRESS_DEPLOYMENT, **ingress_options(config)},
-        ],
-    }
+    server = {"name": llm_server_deployment_name(config.engine.model_name), **llm_server_options(config)}
+    if direct_streaming(config):
+        # Ray refuses an ingress_cls_config with direct streaming: the key check rides on server_cls.
+        args: dict[str, Any] = {"llm_configs": [llm_config(config)]}
+        deployments = [server]
+    else:
+        args = {"llm_configs": [llm_config(config)], "ingress_cls_config": {"ingress_cls": INGRESS_CLS}}
+        deployments = [server, {"name": INGRESS_DEPLOYMENT, **ingress_options(config)}]
+    app: dict[str, Any] = {"name": config.name, "route_prefix": config.route_prefix, "import_path": IMPORT_PATH,
+                           "args": args, "deployments": deployments}
     if config.runtime_env:
         app["runtime_env"] = config.runtime_env
     return app
@@ -330,8 +354,9 @@ def config_of(app: dict[str, Any]) -> AppConfig:
     deployment.update(copied_fields(server, ("max_ongoing_requests", *HEALTH_CHECK_FIELDS, *GRACEFUL_SHUTDOWN_FIELDS)))
     deployment.update(replica_fields(server))
     deployment.update(router_fields(server))
-    deployment.update(copied_fields(ingress, ("max_queued_requests",)))
-    deployment.update(backpressure_fields(ingress))
+    edge = ingress or server  # where admission control sits: no ingress with direct streaming
+    deployment.update(copied_fields(edge, ("max_queued_requests",)))
+    deployment.update(backpressure_fields(edge))
     data: dict[str, Any] = {"name": app.get("name", "llm"), "route_prefix": app.get("route_prefix", "/"),
                             "engine": engine, "deployment": deployment}
     if app.get("runtime_env"):

@@ -49,12 +49,14 @@ def _cluster_cpus(cluster: Cluster) -> float:
 
 def verify_plan(cluster: Cluster, plan: CapacityPlan, workload: Workload, slo: SLO, *, duration_s: float = 30.0,
                 warmup_s: float = 20.0, every_s: float = 1.0, arrival: str = "poisson", burstiness: float = 1.0,
-                require_fit: bool = True, progress: Callable[[str], None] | None = None) -> Verification:
+                require_fit: bool = True, min_requests: int = 20,
+                progress: Callable[[str], None] | None = None) -> Verification:
     """Deploy `plan.config` on `cluster` (in place over the search's app: same name, same replica build)
     and send `plan.target_rate` req/s for `warmup_s + duration_s` (then the drain), sampling the model
     deployment's replicas. With `require_fit`, refuses a plan whose replicas do not fit the CPUs of the
     cluster's alive nodes (it could not be verified there); pass False where Ray's cluster autoscaler adds
-    nodes on demand."""
+    nodes on demand. At a low rate `duration_s` is stretched so that the judged window expects at least
+    `min_requests` requests: an attainment judged on a handful of requests would say little."""
     have = _cluster_cpus(cluster)
     if require_fit and plan.cpus > have + 1e-9:
         raise ValueError(f"the plan needs {plan.max_replicas} replicas x {plan.config.deployment.num_cpus:g} CPU = "
@@ -64,7 +66,7 @@ def verify_plan(cluster: Cluster, plan: CapacityPlan, workload: Workload, slo: S
         raise ValueError(f"need duration_s > 0 and warmup_s >= 0, got {duration_s} and {warmup_s}")
     app = cluster.deploy(plan.config, progress=progress)
     deployment = backend_for(plan.config).model_deployment(plan.config)
-    seconds = warmup_s + duration_s
+    seconds = warmup_s + max(duration_s, min_requests / plan.target_rate)
     wl = dataclasses.replace(workload, num_requests=max(1, math.ceil(plan.target_rate * seconds)),
                              duration_s=seconds + drain_s(slo, workload))
 
