@@ -18,7 +18,6 @@ from httpx_sse import SSEError, connect_sse
 
 from llmserve_nb.backends import Backend, application, backend_for
 from llmserve_nb.cluster.errors import CONNECT_TIMEOUT_S, ClusterError, DeployError
-from llmserve_nb.cluster.polling import Poll
 from llmserve_nb.cluster.status import NOT_DEPLOYED, AppStatus
 from llmserve_nb.config import API_KEY_ENV, AppConfig
 
@@ -97,12 +96,10 @@ class AppHandle:
         t0 = time.monotonic()
         want = self.cluster.application(self.config)
         last = None
-        poll = Poll()
         while True:
             st = self.status()
             current = st.runs(want)
             line = st.status + (f": {st.message}" if st.message else "")
-            poll.seen((current, line, tuple(r.state for r in st.replicas)))
             if progress and line != last:
                 progress(f"[{time.monotonic() - t0:5.1f}s] {self.name}: {line[:300]}")
                 last = line
@@ -116,16 +113,15 @@ class AppHandle:
                     f"(last status {line[:500]}); check cluster resources (num_cpus/num_gpus per replica) "
                     "and the Serve logs"
                 )
-            poll.wait(timeout_s - (time.monotonic() - t0))
+            time.sleep(1.0)
         # The proxy learns routes asynchronously; don't hand back a URL that still 404s.
-        poll = Poll()
         while time.monotonic() - t0 <= timeout_s:
             try:
                 if self._http.get(f"{self.base_url}/health", timeout=CONNECT_TIMEOUT_S).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
-            poll.wait(timeout_s - (time.monotonic() - t0))
+            time.sleep(0.5)
         raise DeployError(f"{self.base_url}/health did not answer within {timeout_s:.0f}s")
 
     def _unsupported(self, what: str) -> ClusterError:
