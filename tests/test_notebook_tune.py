@@ -12,7 +12,9 @@ pytestmark = pytest.mark.notebook
 
 
 def test_tune_notebook_scales_up_and_down(tmp_path):
-    out = run_notebook("02_tune_autoscaling", tmp_path, {"load_seconds": 30, "load_concurrency": 8}, html=False)
+    # The notebook's own load length: with 30 s, CI runs saw Serve decide on the second replica within 6 s and
+    # the replica not start before the load ended (over 26 s to start on 2 saturated cores).
+    out = run_notebook("02_tune_autoscaling", tmp_path, {"load_concurrency": 8}, html=False)
     res = read_results(out)
     assert res["replica_kept_on_reconfigure"] is True
     assert res["batching_after_apply"]["max_batch_size"] == 4
@@ -26,7 +28,7 @@ def test_tune_notebook_scales_up_and_down(tmp_path):
     # the load. Whether that replica also ran before the load ended is Serve's start-up under load (20.3 s from
     # decision to running for the default policy in one CI run), not the policy's doing.
     llm = policies["llm"]
-    assert llm["scale_up_decided_s"] is not None and llm["scale_up_decided_s"] < 30, res["history"]
+    assert llm["scale_up_decided_s"] is not None and llm["scale_up_decided_s"] < 45, res["history"]
     if isinstance(llm["scale_up_s"], (int, float)) and not math.isnan(llm["scale_up_s"]):  # else it ran too late
         # Serve decides before the replica serves: the decision is seen first, or in the same sample.
         assert llm["scale_up_decided_s"] <= llm["scale_up_s"], res["policies"]
