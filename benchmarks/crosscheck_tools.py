@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench_common import MODEL_NAME, cpu_info, log
-from goodput_crosscheck import _VLLM_SHIM, default_vllm_venv, embedded_app, run_vllm
+from goodput_crosscheck import default_vllm_venv, embedded_app, run_vllm, vllm_random_command
 from vllm_peer import vllm_server
 
 from llmserve_nb import bench
@@ -33,16 +33,9 @@ RATIOS = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50")
 
 def vllm_tool(venv: Path, url: str, model: str, tokenizer: str, key: str | None, level: int, requests: int,
               args, out: Path) -> dict:
-    cmd = [
-        str(venv / "bin" / "python"), "-c", _VLLM_SHIM,
-        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
-        "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(args.input_tokens),
-        "--random-output-len", str(args.max_tokens), "--random-range-ratio", "0", "--ignore-eos",
-        "--temperature", "0", "--num-prompts", str(requests), "--request-rate", "inf",
-        "--max-concurrency", str(level), "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
-        "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name,
-        "--disable-tqdm",
-    ]
+    cmd = vllm_random_command(venv, url, model, tokenizer, input_tokens=args.input_tokens,
+                              max_tokens=args.max_tokens, requests=requests, seed=args.seed, out=out,
+                              extra=["--request-rate", "inf", "--max-concurrency", str(level)])
     r = run_vllm(cmd, key, out, timeout_s=args.timeout * 4)
     lens = r.get("input_lens") or [float("nan")]
     return {"completed": r["completed"], "failed": r["failed"], "output_tok_per_s": r["output_throughput"],

@@ -82,18 +82,29 @@ def workload(args) -> bench.Workload:
                           duration_s=args.duration, timeout_s=args.timeout, seed=args.seed)
 
 
-def vllm_command(venv: Path, url: str, model: str, tokenizer: str, args, slo: bench.SLO, out: Path) -> list[str]:
+def vllm_random_command(venv: Path, url: str, model: str, tokenizer: str, *, input_tokens: int, max_tokens: int,
+                        requests: int, seed: int, out: Path, extra: list[str]) -> list[str]:
+    """`vllm bench serve` on its random dataset: exactly `max_tokens` out (ignore_eos, greedy), per-request
+    detail saved to `out`; `extra` says how requests are sent (rate, concurrency) and judged."""
     return [
         str(venv / "bin" / "python"), "-c", _VLLM_SHIM,
         "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
-        "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(args.input_tokens),
-        "--random-output-len", str(args.max_tokens), "--random-range-ratio", "0", "--ignore-eos",
-        "--temperature", "0", "--num-prompts", str(args.requests), "--request-rate", str(args.rate),
-        "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
-        "--goodput", f"ttft:{slo.ttft_s * 1000:g}", f"tpot:{slo.tpot_s * 1000:g}",
+        "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(input_tokens),
+        "--random-output-len", str(max_tokens), "--random-range-ratio", "0", "--ignore-eos",
+        "--temperature", "0", "--num-prompts", str(requests), "--seed", str(seed),
+        "--percentile-metrics", "ttft,tpot,itl,e2el", *extra,
         "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name,
         "--disable-tqdm",
     ]
+
+
+def vllm_command(venv: Path, url: str, model: str, tokenizer: str, args, slo: bench.SLO, out: Path) -> list[str]:
+    return vllm_random_command(
+        venv, url, model, tokenizer, input_tokens=args.input_tokens, max_tokens=args.max_tokens,
+        requests=args.requests, seed=args.seed, out=out,
+        extra=["--request-rate", str(args.rate), "--goodput", f"ttft:{slo.ttft_s * 1000:g}",
+               f"tpot:{slo.tpot_s * 1000:g}"],
+    )
 
 
 def run_vllm(cmd: list[str], api_key: str | None, out: Path, timeout_s: float) -> dict:
