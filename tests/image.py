@@ -104,8 +104,8 @@ def image_key(wheel: Path, base: str) -> str:
 
 def built_image(wheel: Path, extras: str = "serve", log_dir: Path | None = None) -> tuple[str, float]:
     """The CPU image built by k8s/image/Dockerfile on the stand-in base, with `wheel` installed by
-    install.sh; its reference and the build's seconds (0 when cached). Cold: pip downloads the serving
-    stack and apt haproxy from Debian (minutes)."""
+    install.sh; its reference and the build's seconds (0 when cached). Cold: uv downloads the serving
+    stack and apt haproxy from Debian (minutes); a new wheel alone reinstalls from uv's cache mount (~40 s)."""
     base = standin_base()
     ref = f"{IMAGE_REPO}:{image_key(wheel, base)}"
     if _exists(ref):
@@ -120,7 +120,7 @@ def built_image(wheel: Path, extras: str = "serve", log_dir: Path | None = None)
         t0 = time.monotonic()
         _buildah(
             "bud", "--isolation", "chroot", "--layers", "-f", str(DOCKERFILE), "-t", ref,
-            # pip inside the build reaches PyPI only with the host's CA bundle; /opt/wheels holds the CPU torch.
+            # uv inside the build reaches PyPI only with the host's CA bundle; /opt/wheels holds the CPU torch.
             "-v", "/etc/ssl/certs:/etc/ssl/certs:ro", "-v", f"{LOCAL_WHEELS}:{LOCAL_WHEELS}:ro",
             "--build-arg", f"RAY_IMAGE={base}", "--build-arg", f"EXTRAS={extras}",
             "--build-arg", "TORCH_INDEX=", "--build-arg", f"FIND_LINKS={LOCAL_WHEELS}", str(context),

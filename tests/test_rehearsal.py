@@ -50,8 +50,7 @@ def wheel() -> Path:
 
 @pytest.fixture(scope="module")
 def rehearsal_python(wheel, tmp_path_factory) -> Path:
-    """A fresh venv in a temp dir with the wheel installed by install.sh, as the image installs it (uv as the
-    installer here: the same pins from the same indexes in seconds; the image build runs pip)."""
+    """A fresh venv in a temp dir with the wheel installed by install.sh with uv, as the image installs it."""
     python = fresh_venv(tmp_path_factory.mktemp("rehearsal") / "venv")
     # The installer's env is this machine's (CA bundle, proxies), never this venv's or the source tree's.
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "CONDA_PREFIX")}

