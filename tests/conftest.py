@@ -35,7 +35,9 @@ SHARED_CLUSTERS = ("cluster", "app", "ray_cluster")
 
 
 class SharedResources:
-    """Session resources by fixture name, each closed as soon as no test left to run uses it."""
+    """Session resources by fixture name, each closed as soon as no test left to run uses it. "Uses" is read
+    from the tests' fixture closures, so a test must name these fixtures in its signature or in a fixture's,
+    never fetch them with `request.getfixturevalue` (it would get a closed one)."""
 
     def __init__(self) -> None:
         self._open: dict[str, ExitStack] = {}

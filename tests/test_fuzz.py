@@ -15,16 +15,13 @@ import pytest
 
 from conftest import API_KEY
 from openapi_fuzz import fuzz_openapi
-from test_reliability import warm_cluster
 
 EXAMPLES = 15  # per operation and generation mode
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(request):
-    """The session's `app`, serving its OpenAPI document (the embedded Ray started with retries)."""
-    warm_cluster(request)
-    app = request.getfixturevalue("app")
+def fuzz_app(app):
+    """The session's `app`, serving its OpenAPI document."""
     assert httpx.get(f"{app.base_url}/openapi.json", timeout=30).status_code == 200
     return app
 

@@ -27,29 +27,9 @@ def _report(name: str, data: dict) -> None:
     print(f"RELIABILITY {name} {json.dumps(data, default=str, sort_keys=True)}")
 
 
-def warm_cluster(request):
-    """The session's `cluster`, after starting the embedded Ray with retries: on a loaded 2-core machine
-    Ray's fixed 30 s raylet start-up wait is sometimes not enough, and pytest would cache the failure for
-    the whole session. `connect()` reuses the Ray it started, so the `cluster` fixture then attaches."""
-    from llmserve_nb import connect
-    from llmserve_nb.cluster import ClusterError
-
-    attempts = 3  # each failed ray.init leaves its gcs_server behind (see the report): do not loop long
-    for attempt in range(attempts):
-        try:
-            connect()
-            break
-        except ClusterError as e:
-            if "timed out during startup" not in str(e) or attempt == attempts - 1:
-                raise
-            time.sleep(5)
-    return request.getfixturevalue("cluster")
-
-
 @pytest.fixture(scope="module")
-def tiny(request):
+def tiny(cluster):
     """Two replicas, 2 ongoing + 2 queued requests: overload is reached with a burst of 20."""
-    cluster = warm_cluster(request)
     config = rel.small_queue_config(APP, api_key=API_KEY, num_cpus=0.5, torch_threads=1)
     handle = cluster.deploy(config, progress=None, timeout_s=600)
     handle.api_key = API_KEY
