@@ -600,7 +600,7 @@ def served_config() -> AppConfig:
 @pytest.mark.ray
 class TestRayServeLLMOnCPU:
     @pytest.fixture(scope="class")
-    def vllm_app(self, remote, vllm_cluster):
+    def llm_app(self, remote, vllm_cluster):
         t0 = time.monotonic()
         try:
             handle = remote.deploy(served_config(), timeout_s=600, progress=print)
@@ -614,62 +614,62 @@ class TestRayServeLLMOnCPU:
         assert "vllm-test" not in (remote.serve_details().get("applications") or {})
 
     @pytest.fixture(scope="class")
-    def client(self, vllm_app):
+    def client(self, llm_app):
         import openai
 
-        return openai.OpenAI(base_url=f"{vllm_app.base_url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        return openai.OpenAI(base_url=f"{llm_app.base_url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
-    def test_chat_answers_paris(self, vllm_app, client):
-        r = client.chat.completions.create(model=vllm_app.model, messages=QUESTION, temperature=0, max_tokens=24)
+    def test_chat_answers_paris(self, llm_app, client):
+        r = client.chat.completions.create(model=llm_app.model, messages=QUESTION, temperature=0, max_tokens=24)
         assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
         assert r.usage.completion_tokens > 0
 
-    def test_wrong_key_and_no_key_get_401(self, vllm_app):
+    def test_wrong_key_and_no_key_get_401(self, llm_app):
         import openai
 
-        wrong = openai.OpenAI(base_url=f"{vllm_app.base_url}/v1", api_key="wrong", max_retries=0, timeout=30)
+        wrong = openai.OpenAI(base_url=f"{llm_app.base_url}/v1", api_key="wrong", max_retries=0, timeout=30)
         with pytest.raises(openai.AuthenticationError) as err:
-            wrong.chat.completions.create(model=vllm_app.model, messages=QUESTION, max_tokens=4)
+            wrong.chat.completions.create(model=llm_app.model, messages=QUESTION, max_tokens=4)
         assert err.value.status_code == 401 and "invalid or missing API key" in str(err.value)
-        for path, body in (("/v1/chat/completions", {"model": vllm_app.model, "messages": QUESTION}),
-                           ("/v1/completions", {"model": vllm_app.model, "prompt": "x"})):
-            r = httpx.post(f"{vllm_app.base_url}{path}", json=body, timeout=30)
+        for path, body in (("/v1/chat/completions", {"model": llm_app.model, "messages": QUESTION}),
+                           ("/v1/completions", {"model": llm_app.model, "prompt": "x"})):
+            r = httpx.post(f"{llm_app.base_url}{path}", json=body, timeout=30)
             assert r.status_code == 401, r.text
             assert r.json()["error"]["type"] == "authentication_error"
             assert "invalid or missing API key" in r.json()["error"]["message"]
         # Refused before the body is parsed: a malformed body without a key is still a 401.
-        assert httpx.post(f"{vllm_app.base_url}/v1/chat/completions", content=b"{", timeout=30).status_code == 401
+        assert httpx.post(f"{llm_app.base_url}/v1/chat/completions", content=b"{", timeout=30).status_code == 401
         for headers in ({}, {"Authorization": "Bearer wrong"}):
-            r = httpx.post(f"{vllm_app.base_url}/generate", json={"prompt": "x"}, headers=headers, timeout=30)
+            r = httpx.post(f"{llm_app.base_url}/generate", json={"prompt": "x"}, headers=headers, timeout=30)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
-        assert httpx.get(f"{vllm_app.base_url}/v1/models", timeout=30).status_code == 401
-        models = httpx.get(f"{vllm_app.base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-        assert [m["id"] for m in models.json()["data"]] == [vllm_app.model]
-        health = httpx.get(f"{vllm_app.base_url}/health", timeout=30)  # probes stay open
+        assert httpx.get(f"{llm_app.base_url}/v1/models", timeout=30).status_code == 401
+        models = httpx.get(f"{llm_app.base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert [m["id"] for m in models.json()["data"]] == [llm_app.model]
+        health = httpx.get(f"{llm_app.base_url}/health", timeout=30)  # probes stay open
         assert health.status_code == 200 and health.json()["status"] == "ok"
 
-    def test_generate_is_the_transformers_route_and_answers_like_a_greedy_completion(self, vllm_app, client):
+    def test_generate_is_the_transformers_route_and_answers_like_a_greedy_completion(self, llm_app, client):
         prompt = "The capital of France is"
-        r = httpx.post(f"{vllm_app.base_url}/generate", json={"prompt": prompt, "max_new_tokens": 8},
+        r = httpx.post(f"{llm_app.base_url}/generate", json={"prompt": prompt, "max_new_tokens": 8},
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         assert r.status_code == 200, r.text
-        completion = client.completions.create(model=vllm_app.model, prompt=prompt, max_tokens=8, temperature=0)
+        completion = client.completions.create(model=llm_app.model, prompt=prompt, max_tokens=8, temperature=0)
         assert r.json() == {"generated_text": completion.choices[0].text}
-        bad = httpx.post(f"{vllm_app.base_url}/generate", json={"prompt": ""},
+        bad = httpx.post(f"{llm_app.base_url}/generate", json={"prompt": ""},
                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         assert bad.status_code == 400 and "prompt" in bad.json()["error"]["message"]
 
-    def test_streaming_matches_non_streaming(self, vllm_app, client):
-        plain = client.chat.completions.create(model=vllm_app.model, messages=QUESTION, temperature=0, max_tokens=24)
-        chunks = list(client.chat.completions.create(model=vllm_app.model, messages=QUESTION, temperature=0,
+    def test_streaming_matches_non_streaming(self, llm_app, client):
+        plain = client.chat.completions.create(model=llm_app.model, messages=QUESTION, temperature=0, max_tokens=24)
+        chunks = list(client.chat.completions.create(model=llm_app.model, messages=QUESTION, temperature=0,
                                                      max_tokens=24, stream=True))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert len(chunks) > 2 and text == plain.choices[0].message.content
 
-    def test_vllm_metrics_on_rays_metrics_port(self, vllm_app, client, vllm_cluster):
+    def test_vllm_metrics_on_rays_metrics_port(self, llm_app, client, vllm_cluster):
         # vLLM's stat logger sets its gauges once the engine has run a request: before that Ray exports none
         # (run on its own, right after the deploy, this test saw none for 60 s).
-        client.chat.completions.create(model=vllm_app.model, messages=QUESTION, temperature=0, max_tokens=4)
+        client.chat.completions.create(model=llm_app.model, messages=QUESTION, temperature=0, max_tokens=4)
         url = f"http://127.0.0.1:{vllm_cluster.ports['metrics']}/metrics"
         deadline, got = time.monotonic() + 60, None
         while time.monotonic() < deadline:
@@ -681,31 +681,31 @@ class TestRayServeLLMOnCPU:
         assert got is not None, "no ray_vllm_num_requests_running on Ray's metrics port"
         assert set(got) == {"running", "waiting"} and all(v >= 0 for v in got.values())
 
-    def test_deployment_options_update_in_place(self, vllm_app, remote, client):
+    def test_deployment_options_update_in_place(self, llm_app, remote, client):
         def replica_ids() -> dict[str, list[str]]:
-            deps = remote.serve_details()["applications"][vllm_app.name]["deployments"]
+            deps = remote.serve_details()["applications"][llm_app.name]["deployments"]
             return {name: sorted(r["replica_id"] for r in d["replicas"]) for name, d in deps.items()}
 
         before = replica_ids()
-        new = vllm_app.config.with_overrides(**{"deployment.max_ongoing_requests": 20,
-                                                "deployment.max_queued_requests": 10,
-                                                "deployment.health_check_timeout_s": 40})
+        new = llm_app.config.with_overrides(**{"deployment.max_ongoing_requests": 20,
+                                               "deployment.max_queued_requests": 10,
+                                               "deployment.health_check_timeout_s": 40})
         t0 = time.monotonic()
-        vllm_app.update(new, timeout_s=300)
+        llm_app.update(new, timeout_s=300)
         assert time.monotonic() - t0 < 60, "an in-place update should not reload the model"
         assert replica_ids() == before, "replicas were replaced: the options did not update in place"
-        deployed = entries(remote.serve_details()["applications"][vllm_app.name]["deployed_app_config"])
-        server = vllm_app.llm_server_deployment_name(vllm_app.model)
+        deployed = entries(remote.serve_details()["applications"][llm_app.name]["deployed_app_config"])
+        server = vllm_app.llm_server_deployment_name(llm_app.model)
         assert deployed[server]["max_ongoing_requests"] == 20
         assert deployed[vllm_app.INGRESS_DEPLOYMENT]["max_queued_requests"] == 10
-        r = client.chat.completions.create(model=vllm_app.model, messages=QUESTION, temperature=0, max_tokens=16)
+        r = client.chat.completions.create(model=llm_app.model, messages=QUESTION, temperature=0, max_tokens=16)
         assert "Paris" in r.choices[0].message.content
 
-    def test_tuner_autoscales_the_llm_server_in_place(self, vllm_app):
+    def test_tuner_autoscales_the_llm_server_in_place(self, llm_app):
         """ServeTuner on a vLLM app (notebook 02): batching declined with a note, autoscaling applied in place."""
         from llmserve_nb.widgets import ServeTuner
 
-        t = ServeTuner(vllm_app)
+        t = ServeTuner(llm_app)
         assert t.max_batch_size.disabled and "not adjustable on a vLLM app" in t.batching_note.value
         before = t.replica_ids()
         assert len(before) == 1 and t.wait_for_replicas(1, timeout_s=30) == 1
@@ -717,7 +717,7 @@ class TestRayServeLLMOnCPU:
         t.apply()
         assert time.monotonic() - t0 < 90, "switching to autoscaling should update in place"
         assert "applied" in t.status.value and t.replica_ids() == before
-        auto = vllm_app.status().deployed_config["deployments"][0]["autoscaling_config"]
+        auto = llm_app.status().deployed_config["deployments"][0]["autoscaling_config"]
         assert auto["target_ongoing_requests"] == 3.0 and auto["max_replicas"] == 1
         # Autoscaling -> autoscaling (what notebook 02's sliders change): in place, the replica stays.
         before = t.replica_ids()
@@ -726,7 +726,7 @@ class TestRayServeLLMOnCPU:
         t.apply()
         assert time.monotonic() - t0 < 90, "an autoscaling change should update in place"
         assert t.replica_ids() == before
-        auto = vllm_app.status().deployed_config["deployments"][0]["autoscaling_config"]
+        auto = llm_app.status().deployed_config["deployments"][0]["autoscaling_config"]
         assert auto["target_ongoing_requests"] == 5.0 and auto["max_replicas"] == 2
 
 
