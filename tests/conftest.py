@@ -41,7 +41,8 @@ class SharedResources:
 
     def __init__(self) -> None:
         self._open: dict[str, ExitStack] = {}
-        self._last_user: dict[str, int] = {}
+        self._last_user: dict[str, int] = {}  # fixture name -> position of the last test that uses it
+        self._position: dict[int, int] = {}  # id(test) -> its position in the session
 
     def enter(self, name: str, resource: AbstractContextManager):
         stack = ExitStack()
@@ -57,11 +58,12 @@ class SharedResources:
     def close_unused(self, item: pytest.Item) -> None:
         """After `item`'s teardown: close what no later test of the session uses (newest first: the app
         before the cluster it runs on)."""
-        items = item.session.items
-        if not self._last_user:
+        if not self._position:
+            items = item.session.items
+            self._position = {id(it): i for i, it in enumerate(items)}
             self._last_user = {name: i for i, it in enumerate(items) for name in SHARED_CLUSTERS
                                if name in it.fixturenames}
-        position = next((i for i, it in enumerate(items) if it is item), None)
+        position = self._position.get(id(item))
         for name in reversed(list(self._open)):
             if position is not None and self._last_user.get(name, -1) <= position:
                 self.close(name)
@@ -77,16 +79,16 @@ def _cluster_group(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Files that use a shared cluster run together, at the place of the first of them; everything else
     keeps pytest's order (whole files move, so module fixtures still start once)."""
-    file_of = {id(it): it.nodeid.split("::")[0] for it in items}
+    files = [it.nodeid.split("::")[0] for it in items]
     group: dict[str, str] = {}
-    for it in items:
+    for f, it in zip(files, items):
         if (name := _cluster_group(it)) is not None:
-            group.setdefault(file_of[id(it)], name)
+            group.setdefault(f, name)
     rank: dict[str, int] = {}
-    for it in items:
-        key = group.get(file_of[id(it)], file_of[id(it)])
-        rank.setdefault(key, len(rank))
-    items.sort(key=lambda it: rank[group.get(file_of[id(it)], file_of[id(it)])])
+    for f in files:
+        rank.setdefault(group.get(f, f), len(rank))
+    order = {id(it): rank[group.get(f, f)] for f, it in zip(files, items)}
+    items.sort(key=lambda it: order[id(it)])
 
 
 @pytest.hookimpl(wrapper=True)
