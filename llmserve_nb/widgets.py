@@ -221,7 +221,7 @@ class ServeTuner:
         """Sample once a second until `count` replicas run (or `timeout_s` passed); returns the last count
         seen. Raises the sampling error when Serve's status could not be read at all."""
         reached = threading.Event()
-        record = self._recorder(lambda _: 0)
+        record = self._recorder(lambda *_: 0)
 
         def check(timeline: Timeline) -> None:
             record(timeline)
@@ -240,8 +240,10 @@ class ServeTuner:
         self.last_load = None
         try:
             self._show_load(f"load: {concurrency} users for {seconds:g}s …")
-            # A closed loop keeps every user's request in flight until the run ends.
-            record = self._recorder(lambda timeline: 0 if timeline.result is not None else concurrency)
+            # A closed loop keeps every user's request in flight until the run ends. By the sample's own time:
+            # a sample taken just before the load ended is recorded after it.
+            record = self._recorder(lambda timeline, t: 0 if timeline.load_ended_s is not None
+                                    and timeline.load_ended_s <= t else concurrency)
             summary, _ = load_and_watch(self.app, concurrency=concurrency, seconds=seconds, max_tokens=max_tokens,
                                         on_sample=record)
             self.last_load = summary
@@ -255,7 +257,7 @@ class ServeTuner:
         else:
             self._show_load(note)
 
-    def _recorder(self, ongoing: Callable[[Timeline], int]) -> Callable[[Timeline], None]:
+    def _recorder(self, ongoing: Callable[[Timeline, float], int]) -> Callable[[Timeline], None]:
         """An `on_sample` for `run_observed`: each new "app" sample into `history` (on the tuner's clock)
         and the status line; the first failure to read Serve's status into the load line."""
         seen = {"samples": 0, "errors": 0}
@@ -265,7 +267,7 @@ class ServeTuner:
             for t, st in samples[seen["samples"]:]:
                 dep = st.deployment(self.deployment)
                 self.history.append(ReplicaSample(round(timeline.t0 - self._t0 + t, 1), len(dep.running),
-                                                  ongoing(timeline), dep.target_replicas))
+                                                  ongoing(timeline, t), dep.target_replicas))
                 self.refresh(status=st)
             if errors and not seen["errors"]:
                 self._show_load(f"replica sampling failed: {errors[0][1]}", error=True)

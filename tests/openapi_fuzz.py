@@ -56,7 +56,8 @@ def fuzz_openapi(
         if max_tokens_cap and isinstance(body, dict):
             key = "max_new_tokens" if case.path == "/generate" else "max_tokens"
             v = body.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and max_tokens_cap < v <= 512:
+            # Floats too: /generate's schema takes 209.0 as a number, and four such cases spent 100 s decoding.
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and max_tokens_cap < v <= 512:
                 body[key] = max_tokens_cap
             elif key not in body and mode == "positive":
                 body[key] = max_tokens_cap  # the defaults (16, 64, 256 for chat) would spend the budget decoding

@@ -584,6 +584,25 @@ def test_run_observed_records_failures_and_fires_nothing_after_the_load():
     assert seen and seen[-1] == len(seen)  # the timeline was completed before the load's error surfaced
 
 
+def test_run_observed_tells_a_sample_taken_before_the_load_ended_from_one_after():
+    # The first sample's read outlasts the load (a slow status call): it is recorded after the load ended,
+    # but was taken before; `load_ended_s` tells them apart, where `result` being set would not.
+    release = threading.Event()
+
+    def load() -> str:
+        assert release.wait(10)
+        return "done"
+
+    def slow_status() -> int:
+        release.set()
+        return 1
+
+    tl = run_observed(load, {"s": slow_status}, every_s=10)
+    assert tl.result == "done" and tl.load_ended_s is not None
+    times = [t for t, _ in tl.series("s")]
+    assert len(times) >= 2 and times[0] <= tl.load_ended_s <= times[-1], (times, tl.load_ended_s)
+
+
 def test_run_observed_without_a_load_stops_when_told():
     stop = threading.Event()
 

@@ -52,6 +52,7 @@ class Timeline(Generic[T]):
     events: list[Event] = field(default_factory=list)
     duration_s: float = 0.0
     ended: bool = False  # the run is over: no sample will come any more
+    load_ended_s: float | None = None  # when the load returned (or raised), for telling samples before it from after
     t0: float = field(default_factory=time.monotonic, repr=False)
     _changed: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
 
@@ -166,6 +167,7 @@ def run_observed(
         except BaseException as e:  # re-raised on the caller's thread
             failure.append(e)
         finally:
+            timeline.load_ended_s = round(timeline.now(), 3)
             load_done.set()
             changed.set()
 
