@@ -19,7 +19,11 @@ their wall time (gaps between iterations included: the event loop streaming the 
 `--sampling`: "greedy" (temperature 0), "mixed" (a quarter each: greedy, top_p 0.95, top_p 0.95 seeded,
 temperature 1 without top_p).
 
-    python benchmarks/step_profile.py [--levels 8,32] [--steps 200] [--sampling greedy,mixed]
+`--load-on`: "loop" (as the server does: the model loads on the batcher's own thread, fresh for each level) or
+"main" (loaded once on this process's main thread and handed to each batcher, as this script did before round
+5: two OpenMP pools then share the cores, the slow case of benchmarks/README.md, "The served path, round 5").
+
+    python benchmarks/step_profile.py [--levels 8,32] [--steps 200] [--sampling greedy,mixed] [--load-on loop]
 """
 from __future__ import annotations
 
@@ -126,7 +130,8 @@ class StepClock:
         return out
 
 
-def profile(engine, c: int, kind: str, steps: int, items: list) -> dict:
+def profile(engine, c: int, kind: str, steps: int, items: list) -> tuple[dict, dict]:
+    """The level's row, and how the engine was loaded. `engine` None: loaded on the batcher's thread."""
     served = TransformersEngine(EngineConfig(max_num_seqs=c), model=engine)
     clock = StepClock(served)
     todo = cycle(enumerate(items))
@@ -151,12 +156,10 @@ def profile(engine, c: int, kind: str, steps: int, items: list) -> dict:
     row = {"concurrency": c, "sampling": kind, **clock.summary()}
     log(f"c={c} {kind}: {row['step+sched ms']:.1f} ms/step, python {row['python ms']:.1f} ms, "
         f"{row['step tok/s']:.1f} tok/s")
-    return row
+    return row, {"model": served.model_name, **served.model.load_timings}
 
 
 def main(argv=None) -> int:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default="8,32", help="comma list of concurrencies (= the batch, kept full)")
     p.add_argument("--steps", type=int, default=200, help="decode steps measured per level and sampling")
@@ -164,20 +167,21 @@ def main(argv=None) -> int:
     p.add_argument("--input-tokens", type=int, default=30)
     p.add_argument("--min-tokens", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--load-on", choices=["loop", "main"], default="loop")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     kinds = [k.strip() for k in args.sampling.split(",") if k.strip()]
     if set(kinds) - {"greedy", "mixed"}:
         p.error(f"--sampling takes greedy and mixed, got {args.sampling}")
 
-    engine = load_offline_engine()
+    engine = load_offline_engine() if args.load_on == "main" else None
     items = bench.Workload(num_requests=256, input_tokens=args.input_tokens,
                            output_tokens=(args.min_tokens, args.max_tokens)).items()
-    rows = [profile(engine, c, kind, args.steps, items) for c in levels for kind in kinds]
-    cpu = cpu_info()
-    print(f"{cpu['model']}, {cpu['cpus']} CPUs ({cpu['flags']}); torch threads {torch.get_num_threads()}; "
-          f"{engine.model_name} {engine.load_timings['dtype']}, linear {engine.load_timings['cpu_linear']}\n")
-    print(bench.to_markdown(pd.DataFrame(rows)))
+    rows, loads = zip(*(profile(engine, c, kind, args.steps, items) for c in levels for kind in kinds))
+    cpu, load = cpu_info(), loads[-1]
+    print(f"{cpu['model']}, {cpu['cpus']} CPUs ({cpu['flags']}); torch threads {load['torch_threads']}; "
+          f"{load['model']} {load['dtype']}, linear {load['cpu_linear']}; loaded on the {args.load_on} thread\n")
+    print(bench.to_markdown(pd.DataFrame(list(rows))))
     return 0
 
 

@@ -314,6 +314,35 @@ def test_info_says_which_model_and_how_it_was_loaded(served, engine):
     assert info["total_load_s"] == engine.load_timings["total_load_s"]
 
 
+def test_the_engine_loads_on_the_decode_loops_own_thread_and_a_failed_load_raises(monkeypatch):
+    """One OpenMP pool per replica: the model's load (and its oneDNN prepacking) runs on the thread that then
+    decodes, not on the constructor's (a second pool made every step 1.4-1.6x slower)."""
+    import llmserve_nb.engine.scheduler as scheduler
+
+    class FakeModel:
+        model_name, max_model_len = "fake", 64
+
+        def __init__(self, cfg):
+            self.loaded_on = threading.current_thread()
+
+    monkeypatch.setattr(scheduler, "HFEngine", FakeModel)
+    served = TransformersEngine()
+    try:
+        assert served.model.loaded_on is served.batcher._thread is not threading.current_thread()
+        assert served.batcher.engine is served.model and served.batcher.alive
+    finally:
+        served.close()
+
+    def broken(cfg):
+        raise OSError("no model at /nowhere")
+
+    monkeypatch.setattr(scheduler, "HFEngine", broken)
+    with pytest.raises(OSError, match="no model at /nowhere"):
+        TransformersEngine()
+    with pytest.raises(ValueError, match="either an engine or a function"):
+        scheduler.ContinuousBatcher()
+
+
 def test_empty_prompt_is_refused_at_prepare(served):
     with pytest.raises(ValueError, match="prompt is empty"):
         run(served.prepare(Req(prompt="", max_tokens=4)))

@@ -16,9 +16,9 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine.hf import DecodeBatch, HFEngine, Row
@@ -51,8 +51,15 @@ class ContinuousBatcher:
     callbacks put into `outbox` reach their streams when the loop flushes it: after admission and
     aborts (first tokens without waiting for a step), after each step, and when the loop ends."""
 
-    def __init__(self, engine: HFEngine, max_num_seqs: int = 64):
-        self.engine = engine
+    def __init__(self, engine: HFEngine | None = None, max_num_seqs: int = 64,
+                 load: Callable[[], HFEngine] | None = None):
+        """`engine`, or `load` to build it on the loop's own thread (the constructor waits for it and raises
+        what the load raised). Build it there where you can: OpenMP gives every thread that runs parallel
+        torch code a pool of its own, and with a second pool on the cores (the loading thread's) libgomp stops
+        spinning between the ~2000 parallel regions of a step and sleeps instead; a step took 1.4-1.6x as long
+        (benchmarks/README.md, "The served path, round 5")."""
+        if (engine is None) == (load is None):
+            raise ValueError("give the batcher either an engine or a function that loads one")
         self.outbox = StreamOutbox()
         self.max_num_seqs = max_num_seqs
         self._pending: deque[list[Row]] = deque()
@@ -67,8 +74,11 @@ class ContinuousBatcher:
         self.aborted = 0
         self.width_max = 0
         self.dead: str | None = None  # why the loop ended; None while it runs
-        self._thread = threading.Thread(target=self._loop, name="llm-continuous-batcher", daemon=True)
+        loaded: Future[HFEngine] = Future()
+        self._thread = threading.Thread(target=self._run, args=(engine, load, loaded), name="llm-continuous-batcher",
+                                        daemon=True)
         self._thread.start()
+        self.engine = loaded.result()
 
     # ---- any thread ----------------------------------------------------------------------------
     def submit(self, rows: list[Row]) -> None:
@@ -221,6 +231,15 @@ class ContinuousBatcher:
             with self._cond:
                 self._running = batch if batch is not None and batch.rows else None
 
+    def _run(self, engine: HFEngine | None, load: Callable[[], HFEngine] | None, loaded: Future) -> None:
+        try:
+            self.engine = engine if engine is not None else load()
+        except BaseException as e:
+            loaded.set_exception(e)
+            return
+        loaded.set_result(self.engine)
+        self._loop()
+
     def _loop(self) -> None:
         try:
             while True:
@@ -247,10 +266,12 @@ class TransformersEngine:
 
     def __init__(self, cfg: EngineConfig | None = None, model: HFEngine | None = None):
         self.cfg = cfg or EngineConfig()
-        self.model = model or HFEngine(self.cfg)
+        # Loaded on the decode loop's thread, so that the replica's torch code runs on one OpenMP pool.
+        self.batcher = ContinuousBatcher(model, max_num_seqs=self.cfg.max_num_seqs,
+                                         load=None if model is not None else partial(HFEngine, self.cfg))
+        self.model = self.batcher.engine
         self.model_name = self.model.model_name
         self.max_model_len = self.model.max_model_len
-        self.batcher = ContinuousBatcher(self.model, max_num_seqs=self.cfg.max_num_seqs)
         # One worker: the fast tokenizer is not safe to call from several threads at once.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="llm-tokenize")
 
