@@ -261,8 +261,8 @@ class ContinuousBatcher:
 
 
 class TransformersEngine:
-    """The `Engine` protocol for the transformers model: tokenization on a worker thread, generation
-    on the scheduler thread, streams consumed on the caller's event loop."""
+    """The `Engine` protocol for the transformers model: tokenization on a worker thread, loading and
+    generation on the scheduler thread, streams consumed on the caller's event loop."""
 
     def __init__(self, cfg: EngineConfig | None = None, model: HFEngine | None = None):
         self.cfg = cfg or EngineConfig()
