@@ -17,12 +17,12 @@ many cores the replica(s) and all processes (the load generator's included) kept
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 import pandas as pd
-from bench_common import add_mixed_args, add_workload_args, cpu_by_process, cpu_info, levels_of, log, mixed_workload
+from bench_common import (add_mixed_args, add_workload_args, cpu_by_process, cpu_info, fixed_workload, level_workload,
+                          levels_of, log, mixed_workload)
 
 from llmserve_nb import AppConfig, bench, connect
 
@@ -56,9 +56,7 @@ def main(argv=None) -> int:
     baseline = next(iter(variants))
     levels = levels_of(args)
     base = AppConfig()
-    workloads = {"fixed": bench.Workload(input_tokens=args.input_tokens, output_tokens=args.max_tokens,
-                                         duration_s=args.level_duration, timeout_s=args.timeout),
-                 "mixed": mixed_workload(args)}
+    workloads = {"fixed": fixed_workload(args), "mixed": mixed_workload(args)}
     workloads = {k: workloads[k] for k in args.workloads.split(",")}
     cluster = connect(target="local")
     rows = []
@@ -69,10 +67,12 @@ def main(argv=None) -> int:
                 threads = app.stats()["engine"]["torch_threads"]
                 for kind, wl in workloads.items():
                     for c in levels:
-                        n = max(args.min_requests if kind == "fixed" else args.mixed_min_requests, 2 * c)
-                        log(f"round {rnd}, {name} ({threads} torch threads), {kind}, c={c}, {n} requests")
+                        level = level_workload(wl, c, args.min_requests if kind == "fixed" else args.mixed_min_requests,
+                                               per_user=2)
+                        log(f"round {rnd}, {name} ({threads} torch threads), {kind}, c={c}, "
+                            f"{level.num_requests} requests")
                         with cpu_by_process() as cores:
-                            run = bench.run_benchmark(app.base_url, dataclasses.replace(wl, num_requests=n),
+                            run = bench.run_benchmark(app.base_url, level,
                                                       concurrency=c, model=app.model, api_key=app.api_key,
                                                       progress=False)
                         s = run.summary()

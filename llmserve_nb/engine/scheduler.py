@@ -74,11 +74,11 @@ class ContinuousBatcher:
         self.aborted = 0
         self.width_max = 0
         self.dead: str | None = None  # why the loop ended; None while it runs
-        loaded: Future[HFEngine] = Future()
+        loaded: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(engine, load, loaded), name="llm-continuous-batcher",
                                         daemon=True)
         self._thread.start()
-        self.engine = loaded.result()
+        loaded.result()  # the thread has set self.engine, or this raises what its load raised
 
     # ---- any thread ----------------------------------------------------------------------------
     def submit(self, rows: list[Row]) -> None:
@@ -237,7 +237,7 @@ class ContinuousBatcher:
         except BaseException as e:
             loaded.set_exception(e)
             return
-        loaded.set_result(self.engine)
+        loaded.set_result(None)
         self._loop()
 
     def _loop(self) -> None:
