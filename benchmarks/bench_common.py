@@ -332,13 +332,46 @@ def cpu_by_process():
 
 # ---- the engine without Serve ------------------------------------------------------------------
 
-def load_offline_engine(dtype: str = "float32"):
+def load_offline_engine(dtype: str = "float32", torch_threads: int | None = None):
     from llmserve_nb.config import EngineConfig
     from llmserve_nb.engine import GenerationRequest, load_engine
 
-    engine = load_engine(EngineConfig(dtype=dtype))
+    engine = load_engine(EngineConfig(dtype=dtype, torch_threads=torch_threads))
     engine.generate([GenerationRequest(prompt="Story: warm up", max_tokens=4, ignore_eos=True)])
     return engine
+
+
+_offline_engine = None
+
+
+def _load_in_worker(dtype: str, torch_threads: int) -> None:
+    global _offline_engine
+    _offline_engine = load_offline_engine(dtype, torch_threads)
+
+
+def _engine_limit_in_worker(*args, **kwargs) -> list[dict]:
+    return engine_limit(_offline_engine, *args, **kwargs)
+
+
+class OfflineEngineProcess:
+    """`engine_limit` on an engine of its own in a child process, for a script that also runs a
+    `TransformersEngine` in process: every thread that runs torch's parallel code gets its own OpenMP pool,
+    and with two pools in one process libgomp manages more threads than there are CPUs and sleeps between a
+    step's parallel regions, which slows both sides alike (benchmarks/README.md, round 5)."""
+
+    def __init__(self, torch_threads: int, dtype: str = "float32"):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_load_in_worker, initargs=(dtype, torch_threads))
+
+    def limit(self, levels: list[int], wl: bench.Workload, min_requests: int, label: str,
+              per_user: int = 1) -> list[dict]:
+        return self._pool.submit(_engine_limit_in_worker, levels, wl, min_requests, label, per_user).result()
+
+    def close(self) -> None:
+        self._pool.shutdown()
 
 
 def engine_limit(engine, levels: list[int], wl: bench.Workload, min_requests: int, label: str,
@@ -371,21 +404,19 @@ def engine_limit(engine, levels: list[int], wl: bench.Workload, min_requests: in
     return rows
 
 
-def batcher_limit(engine, levels: list[int], wl: bench.Workload, min_requests: int, label: str) -> list[dict]:
-    """The same engine behind the server's continuous batcher, in this process: at each level c, a closed
-    loop of c asyncio clients (`TransformersEngine.prepare`/`submit`, each streaming its request to the
-    end, then sending its next), no HTTP and no Ray. Between `engine_limit` (static batches) and the
-    Serve app, it tells what continuous batching costs from what the Serve path costs.
+def batcher_limit(served, levels: list[int], wl: bench.Workload, min_requests: int, label: str) -> list[dict]:
+    """A `TransformersEngine` (the server's continuous batcher) in this process: at each level c, a closed
+    loop of c asyncio clients (`prepare`/`submit`, each streaming its request to the end, then sending its
+    next), no HTTP and no Ray. Between `engine_limit` (static batches) and the Serve app, it tells what
+    continuous batching costs from what the Serve path costs.
 
-    A new batcher (and scheduler thread) per call: OpenMP's thread count belongs to each thread, and
-    torch gives a thread its global `set_num_threads` value once, at its first parallel op.
+    Build `served` as the replica does, `TransformersEngine(EngineConfig(...))`, so that the model loads on
+    the decode loop's own thread: a model loaded on another thread gives the process a second OpenMP pool,
+    and at more than one torch thread each step runs 1.3-1.5x slower (benchmarks/README.md, round 5).
     """
     import asyncio
 
-    from llmserve_nb.config import EngineConfig
-    from llmserve_nb.engine import GenerationRequest, TransformersEngine
-
-    served = TransformersEngine(EngineConfig(max_num_seqs=max(levels)), model=engine)
+    from llmserve_nb.engine import GenerationRequest
 
     async def closed_loop(reqs: list[GenerationRequest], c: int) -> tuple[int, int, float]:
         todo = list(reversed(reqs))

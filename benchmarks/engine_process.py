@@ -18,7 +18,8 @@ A1 is A with 1 torch thread: it tells what B1 gains from its thread count from w
 All sides see the same closed loop of c asyncio clients (C: batches of c), the same prompts, and the same
 torch thread count unless named (B1 = the core with 1 thread, so the front end keeps a core of its own).
 They are interleaved: per level, A B C ... then the reverse, `--rounds` times, because this machine's
-speed drifts by a quarter over minutes. CPU is cores used (CPU seconds / wall) per process, from psutil.
+speed drifts by a quarter over minutes. Each side runs each time in a fresh process (the model loads
+anew), so that no process holds two OpenMP pools. CPU is cores used (CPU seconds / wall) per process, from psutil.
 
     python benchmarks/engine_process.py [--levels 32,8] [--rounds 2] [--variants A,A1,B2,B1,C] [--mixed]
 """
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -36,6 +38,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import msgpack
 import psutil
@@ -99,9 +102,9 @@ class PublishingBatcher(ContinuousBatcher):
     flushes: after admission, so first tokens need not wait for a step, and after each step), and at
     the latest when an iteration ends. The thread touches neither before the first submit."""
 
-    def __init__(self, engine: HFEngine, max_num_seqs: int, step: StepMessage):
+    def __init__(self, max_num_seqs: int, step: StepMessage, load):
         self.step = step
-        super().__init__(engine, max_num_seqs)
+        super().__init__(max_num_seqs=max_num_seqs, load=load)
         self.outbox = step
 
     def _iteration(self) -> None:
@@ -113,14 +116,13 @@ class PublishingBatcher(ContinuousBatcher):
 
 def core_main(args) -> None:
     cfg = EngineConfig(dtype=args.dtype, torch_threads=args.threads, max_num_seqs=args.max_num_seqs)
-    model = HFEngine(cfg)
-    model.generate([GenerationRequest(prompt="Story: warm up", max_tokens=4, ignore_eos=True)])
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(args.core_in)
     outbox.connect(args.core_out)
     step = StepMessage(outbox)
-    batcher = PublishingBatcher(model, cfg.max_num_seqs, step)
+    batcher = PublishingBatcher(cfg.max_num_seqs, step, load=partial(HFEngine, cfg))  # on its own thread
+    model = batcher.engine
     # The scheduler thread sends only after a submit, and none has come yet: the socket is still ours.
     outbox.send(msgpack.packb(("ready", batcher._thread.native_id)))
     while True:
@@ -354,43 +356,52 @@ def requests_for(args, c: int) -> list[GenerationRequest]:
 
 
 async def run(args) -> list[dict]:
-    import torch
-
+    """One side (`args.variants`) at one level, `args.rounds` times, in this process."""
     from llmserve_nb.engine import TransformersEngine
 
-    sides = args.variants.split(",")
-    model = HFEngine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.level_list)))
-    default_threads = model.num_threads
-    threads = {side: int(side[1:]) if side[0] in "AB" and side[1:] else default_threads for side in sides}
+    side, [c] = args.variants, args.level_list
+    cfg = EngineConfig(dtype=args.dtype, max_num_seqs=c, torch_threads=int(side[1:]) if side[1:] else None)
     engines: dict = {}
     cores = []
-    for side in sides:
-        if side.startswith("A"):
-            # A scheduler thread takes torch's thread count once, at its first parallel op: warm it up now.
-            torch.set_num_threads(threads[side])
-            engines[side] = TransformersEngine(EngineConfig(max_num_seqs=max(args.level_list)), model=model)
-            await closed_loop(engines[side], requests_for(args, 1)[:1], 1)
-            torch.set_num_threads(default_threads)
-        elif side.startswith("B"):
-            engines[side] = CoreClient(model, threads[side], args)
+    if side.startswith("A"):
+        engines[side] = TransformersEngine(cfg)  # loads on its decode loop's thread, as a replica does
+        model = engines[side].model
+    else:
+        model = HFEngine(cfg if side == "C" else cfg.model_copy(update={"torch_threads": 1}))
+        if side.startswith("B"):
+            engines[side] = CoreClient(model, cfg.torch_threads or model.num_threads, args)
             cores.append(engines[side])
+    threads = cfg.torch_threads or model.num_threads
     try:
         for core in cores:
             await core.start()
-        log(f"sides {sides} ready; core pids {[c.proc.pid for c in cores]}")
         meter = CpuMeter(cores, [(os.getpid(), e.batcher._thread.native_id) for s, e in engines.items() if s[0] == "A"]
                          + [(c.proc.pid, c.scheduler_thread) for c in cores])
+        reqs = requests_for(args, c)
         rows = []
-        for c in args.level_list:
-            reqs = requests_for(args, c)
-            for r in range(args.rounds):
-                for side in sides if r % 2 == 0 else sides[::-1]:
-                    row = await measure(side, engines, model, reqs, c, meter, args.chunk_work_us / 1e6)
-                    rows.append({**row, "round": r, "threads": threads[side]})
+        for r in range(args.rounds):
+            row = await measure(side, engines, model, reqs, c, meter, args.chunk_work_us / 1e6)
+            rows.append({**row, "threads": threads})
         return rows
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def each_side_in_its_own_process(args) -> list[dict]:
+    """Every side, level and round in a fresh process: torch gives each thread that runs parallel code an
+    OpenMP pool of its own, and two pools in one process (say A's decode loop and C's main thread) make
+    libgomp sleep between a step's parallel regions, which slows every side (benchmarks/README.md, round 5)."""
+    rows = []
+    passed = sys.argv[1:]
+    for c in args.level_list:
+        for r in range(args.rounds):
+            for side in args.sides if r % 2 == 0 else args.sides[::-1]:
+                cmd = [sys.executable, __file__, *passed, "--variants", side, "--levels", str(c), "--rounds", "1",
+                       "--one-side"]
+                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+                rows += [{**row, "round": r} for row in json.loads(out.splitlines()[-1])]
+    return rows
 
 
 def table(rows: list[dict], sides: list[str], levels: list[int]) -> str:
@@ -424,6 +435,7 @@ def main() -> None:
     p.add_argument("--mixed-tokens", default="16-512")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--chunk-work-us", type=float, default=0.0, help="Python work on the event loop per stream output")
+    p.add_argument("--one-side", action="store_true", help=argparse.SUPPRESS)  # run one side, print its rows
     p.add_argument("--core", action="store_true", help=argparse.SUPPRESS)  # run as the engine core
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     p.add_argument("--max-num-seqs", type=int, help=argparse.SUPPRESS)
@@ -434,9 +446,13 @@ def main() -> None:
         core_main(args)
         return
     args.level_list = [int(x) for x in args.levels.split(",")]
+    if args.one_side:
+        print(json.dumps(asyncio.run(run(args))))
+        return
+    args.sides = args.variants.split(",")
     info = cpu_info()
     log(f"CPU {info['model']} x{info['cpus']}, flags {info['flags']}")
-    rows = asyncio.run(run(args))
+    rows = each_side_in_its_own_process(args)
     workload = (f"mixed max_tokens {args.mixed_tokens} EOS honoured" if args.mixed
                 else f"fixed {args.max_tokens} tokens ignore_eos")
     print(f"\n{workload}, ~{args.input_tokens}-token prompts, {args.dtype}; CPU {info['model']} x{info['cpus']} "

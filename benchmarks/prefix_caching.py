@@ -3,8 +3,8 @@
 A prefix-repetition workload (vLLM's `prefix_repetition`: `--prefix` shared tokens from `--num-prefixes`
 prompts, then `--unique` tokens of each request's own, `--output` tokens generated, ignore_eos) runs
 closed loop at each concurrency through `TransformersEngine` (the served engine: scheduler thread,
-continuous batching, streaming), once with the model's prefix cache removed and once with a fresh
-cache of `--budget-mb`, alternating, on one loaded model. Each run starts with one untimed request per
+continuous batching, streaming), with `engine.prefix_caching` off and then on (a cache of `--budget-mb`),
+each a freshly loaded engine. Each run starts with one untimed request per
 prefix, so "on" is the steady state of a system prompt that keeps coming back. TTFT is submit to first
 streamed text; tok/s is generated tokens / wall time of the level.
 
@@ -24,10 +24,10 @@ import time
 
 import pandas as pd
 
-from bench_common import cpu_info, deploy_on, load_offline_engine, log, ray_head
+from bench_common import cpu_info, deploy_on, log, ray_head
 from llmserve_nb import bench
+from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine import GenerationRequest, TransformersEngine
-from llmserve_nb.engine.prefix_cache import PrefixCache
 from llmserve_nb.stats import percentile
 
 
@@ -120,22 +120,21 @@ def cache_columns(cache: dict) -> dict:
 
 
 def engine_rows(args, levels: list[int]) -> list[dict]:
-    engine = load_offline_engine()
     rows = []
     for level in levels:
         _, warm, timed = workload(args, level)
         for label in ("off", "on"):
-            engine.prefix_cache = PrefixCache(int(args.budget_mb * 2**20)) if label == "on" else None
-            served = TransformersEngine(engine.cfg, model=engine)
+            # A fresh engine per run, loaded on its decode loop's thread as in a replica (one OpenMP pool).
+            served = TransformersEngine(EngineConfig(prefix_caching=label == "on", prefix_cache_mb=args.budget_mb))
             try:
                 log(f"c={level} caching {label}: {len(warm)} untimed + {len(timed)} timed requests")
                 asyncio.run(closed_loop(served, warm, args.output, 1))
                 result = asyncio.run(closed_loop(served, timed, args.output, level))
                 cache = served.stats()["prefix_cache"]
+                prompt_tokens = len(served.model.prompt_ids(GenerationRequest(prompt=timed[0])))
             finally:
                 served.close()
-            rows.append({"caching": label, "concurrency": level, **result,
-                         "prompt_tokens": len(engine.prompt_ids(GenerationRequest(prompt=timed[0]))),
+            rows.append({"caching": label, "concurrency": level, **result, "prompt_tokens": prompt_tokens,
                          **cache_columns(cache)})
     return rows
 

@@ -1,10 +1,10 @@
 """What the Serve app costs and gains over calling the engine directly, measured side by side.
 
 Generated tok/s at each concurrency of `--levels` through the Serve app (max_batch_size = the top level),
-against the same engine in this process on static batches of that size (the limit: no HTTP, no queueing)
-and behind the server's continuous batcher in this process (a closed loop of c asyncio clients, no HTTP,
-no Ray), at every torch thread count of `--torch-threads`: the engine with `torch.set_num_threads(t)`, the
-app with `engine.torch_threads=t` and `deployment.num_cpus=t`, so all sides compute with the same threads.
+against the same engine offline on static batches of that size (the limit: no HTTP, no queueing; in a child
+process, so that this process holds one OpenMP pool) and behind the server's continuous batcher in this
+process (a closed loop of c asyncio clients, no HTTP, no Ray), at every torch thread count of
+`--torch-threads`: all three sides with `engine.torch_threads=t`, the app also with `deployment.num_cpus=t`.
 
 The three sides are interleaved, not run one after the other: with the app deployed and idle, the engine
 runs a level, then the batcher, then the app, `--repeats` times, every other time in reverse order. This
@@ -20,28 +20,28 @@ this process: the load generator) used while the app ran each level.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
 import pandas as pd
 
 from bench_common import (
-    add_workload_args, batcher_limit, cpu_by_process, engine_limit, level_workload, levels_of, load_offline_engine,
+    add_workload_args, OfflineEngineProcess, batcher_limit, cpu_by_process, level_workload, levels_of,
     log, sweep_deployed,
 )
 from llmserve_nb import bench
 from llmserve_nb.cluster import connect
 from llmserve_nb.config import AppConfig
+from llmserve_nb.engine import TransformersEngine
 
 
 SIDES = ("engine", "batcher", "serve")
 
 
-def interleaved(cluster, engine, cfg, wl: bench.Workload, levels: list[int], min_requests: int,
+def interleaved(cluster, engine, served, cfg, wl: bench.Workload, levels: list[int], min_requests: int,
                 repeats: int) -> list[dict]:
-    """Deploy `cfg`; per level, the engine offline (static batches, then behind the batcher) and the app in
-    turns, `repeats` times; summary rows."""
+    """Deploy `cfg`; per level, the engine offline (static batches on this thread, then `served`: the
+    batcher with its own model) and the app in turns, `repeats` times; summary rows."""
     app = cluster.deploy(cfg)
     kw = dict(model=app.model, api_key=app.api_key, progress=False)
     try:
@@ -51,9 +51,9 @@ def interleaved(cluster, engine, cfg, wl: bench.Workload, levels: list[int], min
             for i in range(repeats):
                 for side in SIDES if i % 2 == 0 else SIDES[::-1]:
                     if side == "engine":
-                        row = engine_limit(engine, [c], wl, min_requests, "engine")[0]
+                        row = engine.limit([c], wl, min_requests, "engine")[0]
                     elif side == "batcher":
-                        row = batcher_limit(engine, [c], wl, min_requests, "batcher")[0]
+                        row = batcher_limit(served, [c], wl, min_requests, "batcher")[0]
                     else:
                         with cpu_by_process() as cores:
                             run = bench.run_benchmark(app.base_url, level_workload(wl, c, min_requests), concurrency=c,
@@ -68,8 +68,6 @@ def interleaved(cluster, engine, cfg, wl: bench.Workload, levels: list[int], min
 
 
 def main(argv=None) -> int:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p, level_duration_s=90.0)
     ncores = len(os.sched_getaffinity(0))
@@ -84,18 +82,20 @@ def main(argv=None) -> int:
     wl = bench.Workload(input_tokens=args.input_tokens, output_tokens=args.max_tokens, duration_s=args.level_duration,
                         timeout_s=args.timeout)
 
-    engine = load_offline_engine()
     cluster = connect()
     rows = []
     try:
         base = AppConfig().with_overrides(**{"batching.max_batch_size": max(levels)})
         for t in threads:
-            torch.set_num_threads(t)
             cfg = base.with_overrides(**{"engine.torch_threads": t, "deployment.num_cpus": t})
-            rows += [{**r, "threads": t}
-                     for r in interleaved(cluster, engine, cfg, wl, levels, args.min_requests, args.repeats)]
-        del engine
-        gc.collect()
+            engine = OfflineEngineProcess(t)
+            served = TransformersEngine(cfg.engine.model_copy(update={"max_num_seqs": max(levels)}))
+            try:
+                rows += [{**r, "threads": t} for r in
+                         interleaved(cluster, engine, served, cfg, wl, levels, args.min_requests, args.repeats)]
+            finally:
+                served.close()
+                engine.close()
         if args.batching_off:
             off = base.with_overrides(**{"batching.max_batch_size": 1, "engine.torch_threads": threads[0],
                                          "deployment.num_cpus": threads[0]})
