@@ -49,6 +49,7 @@ from llmserve_nb import bench
 from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine import ContinuousBatcher, EngineDeadError, GenerationRequest, GenerationResult, HFEngine
 from llmserve_nb.engine.hf import Row
+from llmserve_nb.engine.loading import cpu_threads
 from llmserve_nb.engine.protocol import PreparedRequest, RequestStream, new_request_id
 
 
@@ -360,18 +361,20 @@ async def run(args) -> list[dict]:
     from llmserve_nb.engine import TransformersEngine
 
     side, [c] = args.variants, args.level_list
-    cfg = EngineConfig(dtype=args.dtype, max_num_seqs=c, torch_threads=int(side[1:]) if side[1:] else None)
+    cfg = EngineConfig(dtype=args.dtype, max_num_seqs=c)
+    threads = int(side[1:]) if side[1:] else cpu_threads(cfg)
+    cfg = cfg.model_copy(update={"torch_threads": threads})
     engines: dict = {}
     cores = []
     if side.startswith("A"):
         engines[side] = TransformersEngine(cfg)  # loads on its decode loop's thread, as a replica does
         model = engines[side].model
     else:
+        # B's front end only tokenizes and detokenizes with its model: one thread, no OpenMP workers.
         model = HFEngine(cfg if side == "C" else cfg.model_copy(update={"torch_threads": 1}))
         if side.startswith("B"):
-            engines[side] = CoreClient(model, cfg.torch_threads or model.num_threads, args)
+            engines[side] = CoreClient(model, threads, args)
             cores.append(engines[side])
-    threads = cfg.torch_threads or model.num_threads
     try:
         for core in cores:
             await core.start()
@@ -379,7 +382,7 @@ async def run(args) -> list[dict]:
                          + [(c.proc.pid, c.scheduler_thread) for c in cores])
         reqs = requests_for(args, c)
         rows = []
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             row = await measure(side, engines, model, reqs, c, meter, args.chunk_work_us / 1e6)
             rows.append({**row, "threads": threads})
         return rows

@@ -26,7 +26,7 @@ import sys
 import pandas as pd
 
 from bench_common import (
-    add_workload_args, OfflineEngineProcess, batcher_limit, cpu_by_process, level_workload, levels_of,
+    OfflineEngineProcess, add_workload_args, batcher_limit, cpu_by_process, level_workload, levels_of,
     log, sweep_deployed,
 )
 from llmserve_nb import bench
@@ -40,8 +40,8 @@ SIDES = ("engine", "batcher", "serve")
 
 def interleaved(cluster, engine, served, cfg, wl: bench.Workload, levels: list[int], min_requests: int,
                 repeats: int) -> list[dict]:
-    """Deploy `cfg`; per level, the engine offline (static batches on this thread, then `served`: the
-    batcher with its own model) and the app in turns, `repeats` times; summary rows."""
+    """Deploy `cfg`; per level, `engine` (static batches, in its own process), `served` (the batcher, in
+    this one) and the app in turns, `repeats` times; summary rows."""
     app = cluster.deploy(cfg)
     kw = dict(model=app.model, api_key=app.api_key, progress=False)
     try:
