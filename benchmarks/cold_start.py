@@ -16,7 +16,8 @@ itself, as in every notebook; `--deploys N` deletes the app and deploys it again
 
 `--variants` runs each on its own fresh embedded Ray and prints them side by side: `block:MODULE` makes a
 module unimportable for the kernel and every Ray worker (as if not installed), `patch:PATH=FILE` runs this
-package with one file replaced (a change measured before it is made).
+package with one file replaced (a change measured before it is made), `set:PATH=VALUE` deploys the app with
+that `AppConfig` override (`set:engine.engine_core=thread`).
 """
 from __future__ import annotations
 
@@ -126,6 +127,9 @@ def process_start(pid: int) -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
+OVERRIDES_ENV = "COLD_START_APP_OVERRIDES"  # a variant's `set:` parts, as JSON, for its child
+
+
 def served_deploy(cluster, logs: Path, name: str) -> dict[str, float | str | None]:
     """Deploy the default app as `name`, wait for it as `cluster.deploy` does, and read back the timeline."""
     from llmserve_nb import AppConfig
@@ -137,7 +141,8 @@ def served_deploy(cluster, logs: Path, name: str) -> dict[str, float | str | Non
         seen.setdefault(status, time.time())
 
     t0 = time.time()
-    handle = cluster.deploy(AppConfig(name=name, route_prefix=f"/{name}"), wait=False)
+    overrides = json.loads(os.environ.get(OVERRIDES_ENV, "{}"))
+    handle = cluster.deploy(AppConfig(name=name, route_prefix=f"/{name}").with_overrides(**overrides), wait=False)
     t_put = time.time()
     handle.wait_running(timeout_s=600, progress=progress)
     t_ready = time.time()
@@ -232,9 +237,11 @@ def print_served(columns: list[tuple[str, dict]]) -> None:
 def variant_env(spec: str, scratch: Path) -> dict[str, str]:
     """The environment of a variant run: `base` (as installed), `block:MODULE` (MODULE unimportable, as if not
     installed: every Ray worker the embedded cluster starts inherits PYTHONPATH), `patch:PATH=FILE` (this
-    package with the file at PATH, relative to the repository, replaced by FILE), joined with '+'."""
+    package with the file at PATH, relative to the repository, replaced by FILE), `set:PATH=VALUE` (the app
+    deployed with that `AppConfig` override, VALUE a string), joined with '+'."""
     env = dict(os.environ)
     paths = []
+    overrides = {}
     for part in spec.split("+"):
         kind, _, arg = part.partition(":")
         if kind == "base":
@@ -250,8 +257,13 @@ def variant_env(spec: str, scratch: Path) -> dict[str, str]:
             shutil.copytree(Path(__file__).resolve().parent.parent / "llmserve_nb", tree / "llmserve_nb")
             shutil.copyfile(replacement, tree / rel)
             paths.append(str(tree))
+        elif kind == "set":
+            path, _, value = arg.partition("=")
+            overrides[path] = value
         else:
-            raise SystemExit(f"variant {spec!r}: use base, block:MODULE or patch:PATH=FILE, joined with '+'")
+            raise SystemExit(f"variant {spec!r}: use base, block:MODULE, patch:PATH=FILE or set:PATH=VALUE, "
+                             "joined with '+'")
+    env[OVERRIDES_ENV] = json.dumps(overrides)
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 

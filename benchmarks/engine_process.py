@@ -6,11 +6,11 @@ and the scheduler, takes submits and aborts over ZMQ and sends each step's new t
 one message, while the front end detokenizes, applies stop strings and streams. This script measures:
 
 - A: `TransformersEngine` in this process, as a replica runs it (prepare -> submit -> consume streams);
-- B: a child process (this file with --core) owning `HFEngine` + `ContinuousBatcher`, fed msgpack over ZMQ
-  (ipc); where A hands its streams their text (after admission and after each step) it sends one message
-  with each row's new token ids and the rows that finished. This process tokenizes, detokenizes with
-  `OutputText` (stop strings included: a row the front end stops is aborted in the core), and feeds the
-  streams from its event loop;
+- B: `EngineCoreClient`, what a replica runs with `EngineConfig(engine_core="process")`: an engine-core
+  process (`llmserve_nb.engine.core`) owns `HFEngine` + `ContinuousBatcher`; where A hands its streams
+  their text (after admission and after each step) it sends one message over a pipe with each row's new
+  token ids and the rows that finished. This process tokenizes, detokenizes with `OutputText` (stop strings
+  included: a row the front end stops is aborted in the core), and feeds the streams;
 - C: `HFEngine.generate` on static batches of c in this process, no stream consumer: the ceiling.
 
 A1 is A with 1 torch thread: it tells what B1 gains from its thread count from what it gains from the process.
@@ -27,219 +27,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
-import msgpack
 import psutil
-import zmq.asyncio
 
 from bench_common import cpu_info, level_workload, log
 from llmserve_nb import bench
 from llmserve_nb.config import EngineConfig
-from llmserve_nb.engine import ContinuousBatcher, EngineDeadError, GenerationRequest, GenerationResult, HFEngine
-from llmserve_nb.engine.hf import Row
+from llmserve_nb.engine import EngineCoreClient, GenerationRequest, HFEngine
 from llmserve_nb.engine.loading import cpu_threads
-from llmserve_nb.engine.protocol import PreparedRequest, RequestStream, new_request_id
-
-
-# ---- the engine core (the child process) ---------------------------------------------------------
-
-class StepMessage:
-    """What one scheduler iteration produced, sent as one message: (ids, tokens, finished, failed).
-    Touched only by the scheduler thread (sampling, aborts and failures all happen there)."""
-
-    def __init__(self, sock: zmq.Socket):
-        self.sock = sock
-        self.ids, self.tokens = [], []  # a row's id once per token it got in this iteration
-        self.finished, self.failed = [], []  # (request id, finish reason or error)
-
-    def flush(self) -> None:
-        if self.ids or self.finished or self.failed:
-            self.sock.send(msgpack.packb(("step", self.ids, self.tokens, self.finished, self.failed)))
-            self.ids, self.tokens, self.finished, self.failed = [], [], [], []
-
-
-class TokenOutput:
-    """`OutputText`'s interface for the core: it decides only what ids alone decide (EOS, max_tokens) and
-    passes every sampled id on; the front end's `OutputText` makes the text and applies stop strings."""
-
-    def __init__(self, request_id: str, request: GenerationRequest, prompt_tokens: int, eos_ids: set[int],
-                 step: StepMessage):
-        self.request_id, self.request, self.prompt_tokens = request_id, request, prompt_tokens
-        self._eos_ids, self._step = eos_ids, step
-        self.count, self.done, self.finish_reason = 0, False, "length"
-
-    def push(self, token_id: int) -> str:
-        self._step.ids.append(self.request_id)
-        self._step.tokens.append(token_id)
-        if token_id in self._eos_ids and not self.request.ignore_eos:
-            self.done, self.finish_reason = True, "stop"
-            return ""
-        self.count += 1
-        self.done = self.count >= self.request.max_tokens
-        return ""
-
-    def abort(self) -> str:
-        self.done, self.finish_reason = True, "abort"
-        return ""
-
-    def result(self) -> GenerationResult:
-        return GenerationResult("", self.prompt_tokens, self.count, self.finish_reason)
-
-
-class PublishingBatcher(ContinuousBatcher):
-    """The scheduler thread, unchanged, sending where it hands A's streams their text (its outbox's
-    flushes: after admission, so first tokens need not wait for a step, and after each step), and at
-    the latest when an iteration ends. The thread touches neither before the first submit."""
-
-    def __init__(self, max_num_seqs: int, step: StepMessage, load):
-        self.step = step
-        super().__init__(max_num_seqs=max_num_seqs, load=load)
-        self.outbox = step
-
-    def _iteration(self) -> None:
-        try:
-            super()._iteration()
-        finally:
-            self.step.flush()
-
-
-def core_main(args) -> None:
-    cfg = EngineConfig(dtype=args.dtype, torch_threads=args.threads, max_num_seqs=args.max_num_seqs)
-    ctx = zmq.Context()
-    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    inbox.connect(args.core_in)
-    outbox.connect(args.core_out)
-    step = StepMessage(outbox)
-    batcher = PublishingBatcher(cfg.max_num_seqs, step, load=partial(HFEngine, cfg))  # on its own thread
-    model = batcher.engine
-    # The scheduler thread sends only after a submit, and none has come yet: the socket is still ours.
-    outbox.send(msgpack.packb(("ready", batcher._thread.native_id)))
-    while True:
-        kind, *body = msgpack.unpackb(inbox.recv())
-        if kind == "submit":
-            rows = []
-            for request_id, ids, max_tokens, temperature, top_p, seed, ignore_eos in body[0]:
-                req = GenerationRequest(prompt="", max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed, ignore_eos=ignore_eos)
-                rows.append(Row(TokenOutput(request_id, req, len(ids), model.eos_ids, step), ids,
-                                model.generator(req), emit=lambda _: None, request_id=request_id,
-                                finish=lambda res, rid=request_id: step.finished.append((rid, res.finish_reason)),
-                                fail=lambda e, rid=request_id: step.failed.append((rid, repr(e)))))
-            batcher.submit(rows)
-        elif kind == "abort":
-            batcher.abort(body[0])
-        elif kind == "close":
-            batcher.close()
-            return
-
-
-# ---- the front end of B (this process) -------------------------------------------------------------
-
-class CoreClient:
-    """prepare/submit/abort like `TransformersEngine`, against a core process: tokenizes and detokenizes
-    here, on the event loop that consumes the streams."""
-
-    def __init__(self, model: HFEngine, threads: int, args):
-        self.model = model
-        ctx, where = zmq.asyncio.Context.instance(), tempfile.mkdtemp(prefix="llm-core-")
-        self._to_core, self._from_core = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-        core_in, core_out = f"ipc://{where}/in", f"ipc://{where}/out"
-        self._to_core.bind(core_in)
-        self._from_core.bind(core_out)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--core", "--threads", str(threads), "--dtype",
-                                      args.dtype, "--max-num-seqs", str(max(args.level_list)), "--core-in", core_in,
-                                      "--core-out", core_out])
-        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="llm-tokenize")
-        self._live: dict[str, tuple] = {}  # request id -> (OutputText, RequestStream)
-        self.dead: str | None = None
-        self.scheduler_thread = 0  # the core's, as a native thread id
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def watch() -> None:
-            self.proc.wait()
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(self._died)
-
-        self._ready = asyncio.ensure_future(self._from_core.recv())
-        threading.Thread(target=watch, daemon=True).start()
-        kind, self.scheduler_thread = msgpack.unpackb(await self._ready)
-        assert kind == "ready", kind
-        self._reader = asyncio.create_task(self._read())
-
-    def _died(self) -> None:
-        self.dead = f"the engine core exited with code {self.proc.returncode}"
-        self._ready.cancel()  # start-up never completes
-        for _, stream in self._live.values():
-            stream._queue.put_nowait(EngineDeadError(self.dead))
-        self._live.clear()
-
-    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._tokenizer_thread, self.model.prompt_ids, request)
-        return PreparedRequest(request, ids, new_request_id())
-
-    def submit(self, prepared: list[PreparedRequest]) -> list[RequestStream]:
-        if self.dead:
-            raise EngineDeadError(self.dead)
-        streams = []
-        for p in prepared:
-            streams.append(RequestStream(p.request_id))
-            self._live[p.request_id] = (self.model.new_output(p.request, len(p.prompt_ids)), streams[-1])
-        r = [(p.request_id, p.prompt_ids, p.request.max_tokens, p.request.temperature, p.request.top_p,
-              p.request.seed, p.request.ignore_eos) for p in prepared]
-        self._to_core.send(msgpack.packb(("submit", r)))
-        return streams
-
-    def abort(self, request_id: str) -> None:
-        self._to_core.send(msgpack.packb(("abort", request_id)))
-
-    async def _read(self) -> None:
-        # Streams are fed from this loop directly (no call_soon_threadsafe: the producer is on the loop).
-        while True:
-            _, ids, tokens, finished, failed = msgpack.unpackb(await self._from_core.recv())
-            for request_id, token in zip(ids, tokens):
-                if request_id not in self._live:
-                    continue  # stopped here already; its abort is on the way to the core
-                out, stream = self._live[request_id]
-                delta = out.push(token)
-                if delta:
-                    stream._queue.put_nowait(delta)
-                if out.done:
-                    stream._queue.put_nowait(out.result())
-                    del self._live[request_id]
-                    if out.finish_reason == "stop" and (out.request.ignore_eos or token not in self.model.eos_ids):
-                        self.abort(request_id)  # a stop string: the core cannot see it
-            for request_id, _ in finished:  # the core ended a row the text did not (an abort)
-                if request_id in self._live:
-                    out, stream = self._live.pop(request_id)
-                    stream._queue.put_nowait(out.abort())  # the text it held back
-                    stream._queue.put_nowait(out.result())
-            for request_id, error in failed:
-                if request_id in self._live:
-                    self._live.pop(request_id)[1]._queue.put_nowait(RuntimeError(error))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self._to_core.send(msgpack.packb(("close",)))
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._tokenizer_thread.shutdown(wait=False)
 
 
 # ---- measuring ---------------------------------------------------------------------------------------
@@ -256,7 +59,7 @@ class CpuMeter:
     """Cores used between enter and exit: this process, its event loop thread, the core processes, and
     the scheduler threads (A's in this process, B's in its core; the rest of a side's engine CPU is OpenMP's)."""
 
-    def __init__(self, cores: list[CoreClient], schedulers: list[tuple[int, int]]):
+    def __init__(self, cores: list[EngineCoreClient], schedulers: list[tuple[int, int]]):
         self.me = psutil.Process()
         self.children = [psutil.Process(c.proc.pid) for c in cores]
         self.schedulers = schedulers  # (pid, native thread id)
@@ -369,17 +172,15 @@ async def run(args) -> list[dict]:
     if side.startswith("A"):
         engines[side] = TransformersEngine(cfg)  # loads on its decode loop's thread, as a replica does
         model = engines[side].model
+    elif side.startswith("B"):
+        engines[side] = EngineCoreClient(cfg)
+        cores.append(engines[side])
+        model = None
     else:
-        # B's front end only tokenizes and detokenizes with its model: one thread, no OpenMP workers.
-        model = HFEngine(cfg if side == "C" else cfg.model_copy(update={"torch_threads": 1}))
-        if side.startswith("B"):
-            engines[side] = CoreClient(model, threads, args)
-            cores.append(engines[side])
+        model = HFEngine(cfg)
     try:
-        for core in cores:
-            await core.start()
-        meter = CpuMeter(cores, [(os.getpid(), e.batcher._thread.native_id) for s, e in engines.items() if s[0] == "A"]
-                         + [(c.proc.pid, c.scheduler_thread) for c in cores])
+        meter = CpuMeter(cores, [(os.getpid(), e.batcher.native_thread_id) for s, e in engines.items() if s[0] == "A"]
+                         + [(c.proc.pid, c.info()["engine_core_scheduler_tid"]) for c in cores])
         reqs = requests_for(args, c)
         rows = []
         for _ in range(args.rounds):
@@ -439,15 +240,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--chunk-work-us", type=float, default=0.0, help="Python work on the event loop per stream output")
     p.add_argument("--one-side", action="store_true", help=argparse.SUPPRESS)  # run one side, print its rows
-    p.add_argument("--core", action="store_true", help=argparse.SUPPRESS)  # run as the engine core
-    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--max-num-seqs", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--core-in", help=argparse.SUPPRESS)
-    p.add_argument("--core-out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.core:
-        core_main(args)
-        return
     args.level_list = [int(x) for x in args.levels.split(",")]
     if args.one_side:
         print(json.dumps(asyncio.run(run(args))))

@@ -240,15 +240,17 @@ def test_replica_killed_under_load_fails_fast_and_is_replaced(tiny, how):
 
 
 @pytest.mark.ray
-def test_dead_engine_loop_is_replaced_through_the_health_check(tiny):
-    """The replica's process stays up but its decode loop died: only `check_health` can get it replaced.
+@pytest.mark.parametrize("how", ["engine_loop", "engine_core"])
+def test_dead_engine_is_replaced_through_the_health_check(tiny, how):
+    """The replica's process stays up but its engine died (`engine_loop`: its decode loop, by a fault;
+    `engine_core`: its engine-core process, by SIGKILL): only `check_health` can get it replaced.
     Meanwhile its requests fail at once with 503 and a clear message; none hangs."""
     tl = _load(tiny, 15.0, concurrency=2,
-               actions=[(3.0, "kill", lambda: rel.kill_and_recover(tiny.cluster, tiny, "engine_loop", target=2))])
+               actions=[(3.0, "kill", lambda: rel.kill_and_recover(tiny.cluster, tiny, how, target=2))])
     summary = rel.failure_summary(tl, "kill")
     event = tl.event("kill")
     kill = event.value or {}
-    _report("engine_loop", {"summary": summary, "recovery_s": kill.get("recovery_s"),
+    _report(how, {"summary": summary, "recovery_s": kill.get("recovery_s"),
                             "serving_s": kill.get("serving_s")})
     assert event.error is None and "error" not in kill, tl.events
     assert summary["hung"] == 0, summary

@@ -3,7 +3,9 @@
 `protocol.Engine` is all the server may use: prepare → submit → an async stream of outputs, `abort`,
 `configure`, `check_health`, `stats`, `info`, `inject_fault`, `close`; `create_engine` makes one from
 an `EngineConfig`. `TransformersEngine` implements it with `HFEngine` (the transformers model and
-its decode step) and `ContinuousBatcher` (the scheduler thread); `loading` finds, converts and
+its decode step) and `ContinuousBatcher` (the scheduler thread) in the replica's process;
+`EngineCoreClient` with the two in an engine-core process (`core`), the replica keeping the tokenizer
+(`prompts`) and the streams; `loading` finds, converts and
 places the model; `cpu_linear` runs its Linear layers on oneDNN on CPU; `detokenizer` turns ids into
 streamable text.
 """
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 # The model side imports torch and transformers (seconds of CPU): Serve's build task imports the app only
 # to build it, never to run a model, so these load on first use, in the replica.
 _MODEL_SIDE = {"HFEngine": "llmserve_nb.engine.hf", "ContinuousBatcher": "llmserve_nb.engine.scheduler",
-               "TransformersEngine": "llmserve_nb.engine.scheduler"}
+               "TransformersEngine": "llmserve_nb.engine.scheduler", "EngineCoreClient": "llmserve_nb.engine.core_client"}
 
 
 def __getattr__(name: str) -> Any:
@@ -41,6 +43,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ContinuousBatcher",
     "Engine",
+    "EngineCoreClient",
     "EngineDeadError",
     "GenerationRequest",
     "GenerationResult",
@@ -57,11 +60,15 @@ __all__ = [
 ]
 
 
+# Where the transformers engine decodes (`EngineConfig.engine_core`): the module and class that run it.
+_ENGINE_CORES = {"thread": ("llmserve_nb.engine.scheduler", "TransformersEngine"),
+                 "process": ("llmserve_nb.engine.core_client", "EngineCoreClient")}
+
+
 def create_engine(cfg: EngineConfig) -> Engine:
     """The serving engine `cfg` describes, loaded and running (what a replica serves)."""
-    from llmserve_nb.engine.scheduler import TransformersEngine
-
-    return TransformersEngine(cfg)
+    module, name = _ENGINE_CORES[cfg.engine_core]
+    return getattr(importlib.import_module(module), name)(cfg)
 
 
 def load_engine(cfg: EngineConfig | None = None) -> HFEngine:

@@ -56,7 +56,12 @@ class OutputText:
 
     def abort(self) -> str:
         """End early (the client went away); the held-back text is released."""
-        return self._finish("abort", len(self.text))
+        return self.end("abort")
+
+    def end(self, reason: FinishReason) -> str:
+        """End for a reason the text did not see (an engine core that ended the row); the held-back text
+        is released."""
+        return self._finish(reason, len(self.text))
 
     def _finish(self, reason: FinishReason, upto: int) -> str:
         self.done, self.finish_reason = True, reason

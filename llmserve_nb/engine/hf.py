@@ -15,6 +15,7 @@ from llmserve_nb.engine.detokenizer import OutputText
 from llmserve_nb.engine.kv_cache import SlabLayer, to_slabs
 from llmserve_nb.engine.loading import cpu_threads, load_gguf_with_cache, pick_device_dtype, resolve_source
 from llmserve_nb.engine.prefix_cache import PrefixCache, prefix_cache_for
+from llmserve_nb.engine.prompts import Prompts
 from llmserve_nb.engine.protocol import GenerationRequest, GenerationResult
 
 __all__ = ["HFEngine", "Row", "DecodeBatch"]
@@ -86,6 +87,7 @@ class HFEngine:
             if self.device == "cuda" and torch.cuda.device_count() > 1:
                 load_kw["device_map"] = "auto"  # shards a large model over the GPUs Ray gave this replica
             model = AutoModelForCausalLM.from_pretrained(source, **load_kw)
+        self.tokenizer_source = str(source)  # what a front end loads the same tokenizer from (`core_client`)
         if getattr(model, "hf_device_map", None) is None:
             model = model.to(self.device)
         self.model = model.eval()
@@ -99,6 +101,7 @@ class HFEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self.max_model_len = min(cfg.max_model_len, getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.prompts = Prompts(self.tokenizer, self.model_name, self.max_model_len, eos_ids)
         self.prefix_cache: PrefixCache | None = prefix_cache_for(cfg)
         self.load_timings["total_load_s"] = time.perf_counter() - t0
         self.load_timings.update(device=self.device, dtype=str(self.dtype).removeprefix("torch."),
@@ -119,32 +122,15 @@ class HFEngine:
         self.load_timings["cpu_linear_pack_s"] = time.perf_counter() - t0
         return f"onednn ({packed} layers)"
 
-    # ---- prompts ---------------------------------------------------------------------------
+    # ---- prompts (`Prompts`; what the tests and benchmarks call on the engine) -------------------
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
-        """The request's prompt as token ids (chat template applied for messages), checked: not empty
-        and within the context length. ValueError says what is wrong."""
-        if req.messages is not None:
-            if not self.tokenizer.chat_template:
-                raise ValueError(f"{self.model_name} has no chat template; use /v1/completions with a prompt")
-            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(req.prompt)["input_ids"]
-        if not ids:
-            # An empty sequence has no position to predict from; refused here rather than failing a batch.
-            raise ValueError("the prompt is empty (0 tokens); send at least one token of text")
-        if len(ids) + req.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context length "
-                f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens"
-            )
-        return ids
+        return self.prompts.prompt_ids(req)
 
     def count_tokens(self, request: GenerationRequest) -> int:
         return len(self.prompt_ids(request))
 
     def new_output(self, req: GenerationRequest, prompt_tokens: int) -> OutputText:
-        return OutputText(req, prompt_tokens, self.tokenizer, self.eos_ids)
+        return self.prompts.new_output(req, prompt_tokens)
 
     # ---- offline ----------------------------------------------------------------------------
     def generate(

@@ -119,6 +119,16 @@ def load_gguf_with_cache(cfg: EngineConfig, source: str, gguf_file: str, timings
     return cache, (tok, model)
 
 
+def ready_source(cfg: EngineConfig) -> str | None:
+    """Where the model and its tokenizer load from without a conversion first: the HF id or path, or a
+    GGUF's converted copy once it exists; None while that copy is still to be made."""
+    source, gguf_file = resolve_source(cfg)
+    if not gguf_file:
+        return source
+    cache = _gguf_cache_dir(cfg, source, gguf_file)
+    return str(cache) if (cache / "config.json").is_file() else None
+
+
 def local_model_dir(cfg: EngineConfig | None = None) -> Path:
     """A plain transformers directory for the model (for peers such as vLLM that cannot read GGUF):
     a GGUF source gives its cached safetensors copy, converted on first use."""

@@ -12,7 +12,6 @@ later submit.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections import OrderedDict, deque
@@ -22,13 +21,13 @@ from typing import Any, Callable, Sequence
 
 from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine.hf import DecodeBatch, HFEngine, Row
+from llmserve_nb.engine.prompts import prepare_on
 from llmserve_nb.engine.protocol import (
     EngineDeadError,
     GenerationRequest,
     PreparedRequest,
     RequestStream,
     StreamOutbox,
-    new_request_id,
 )
 
 __all__ = ["ContinuousBatcher", "TransformersEngine"]
@@ -52,15 +51,16 @@ class ContinuousBatcher:
     aborts (first tokens without waiting for a step), after each step, and when the loop ends."""
 
     def __init__(self, engine: HFEngine | None = None, max_num_seqs: int = 64,
-                 load: Callable[[], HFEngine] | None = None):
+                 load: Callable[[], HFEngine] | None = None, outbox: Any = None):
         """`engine`, or `load` to build it on the loop's own thread (the constructor waits for it and raises
         what the load raised). Build it there where you can: OpenMP gives every thread that runs parallel
         torch code a pool of its own, and with a second pool on the cores (the loading thread's) libgomp stops
         spinning between the ~2000 parallel regions of a step and sleeps instead; a step took 1.4-1.6x as long
-        (benchmarks/README.md, "The served path, round 5")."""
+        (benchmarks/README.md, "The served path, round 5"). `outbox` is where the rows' callbacks put and what
+        the loop flushes (anything with `flush()`); a `StreamOutbox` unless given (the engine core sends instead)."""
         if (engine is None) == (load is None):
             raise ValueError("give the batcher either an engine or a function that loads one")
-        self.outbox = StreamOutbox()
+        self.outbox = outbox if outbox is not None else StreamOutbox()
         self.max_num_seqs = max_num_seqs
         self._pending: deque[list[Row]] = deque()
         self._aborts: set[str] = set()
@@ -114,6 +114,15 @@ class ContinuousBatcher:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("the continuous batcher did not stop within %.0f s", timeout_s)
+
+    @property
+    def native_thread_id(self) -> int | None:
+        """The scheduler thread's id as the OS knows it (psutil, py-spy, top -H)."""
+        return self._thread.native_id
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait until the loop has ended (closed or died) and its requests have failed."""
+        self._thread.join(timeout_s)
 
     @property
     def alive(self) -> bool:
@@ -277,9 +286,7 @@ class TransformersEngine:
 
     async def prepare(self, request: GenerationRequest, request_id: str | None = None) -> PreparedRequest:
         self.check_health()
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._tokenizer_thread, self.model.prompt_ids, request)
-        return PreparedRequest(request, ids, request_id or new_request_id())
+        return await prepare_on(self._tokenizer_thread, self.model.prompt_ids, request, request_id)
 
     def submit(self, prepared: Sequence[PreparedRequest]) -> list[RequestStream]:
         self.check_health()

@@ -8,7 +8,8 @@ remote cluster run this from a pod with `ray.init(address=...)`. Replicas are fo
 status (`Cluster.app_status`), which gives each replica's actor name, PID and node.
 `kill_replica(how="ray_kill")` calls `ray.kill` on the replica actor; `how="sigkill"` sends SIGKILL to
 its PID (directly when the replica runs on this machine, else from a zero-CPU Ray task pinned to the
-replica's node). `kill_engine_loop` reaches the replica through the actor's `__ray_call__`.
+replica's node); `how="engine_core"` sends it to the replica's engine-core process, found through the
+actor's `__ray_call__`, as `kill_engine_loop` reaches the replica.
 """
 from __future__ import annotations
 
@@ -69,30 +70,50 @@ def _sigkill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def _engine_core_pid(_actor: Any) -> dict[str, Any]:
+    """Runs inside a replica process (through `__ray_call__`): its engine's core process, if it has one."""
+    from ray import serve
+
+    context = serve.get_replica_context()
+    info = context.servable_object.engine.info()
+    return {"replica_id": context.replica_id.unique_id, "core_pid": info.get("engine_core_pid")}
+
+
 def kill_replica(cluster: Cluster, app_name: str, how: str = "ray_kill", replica_id: str | None = None,
                  ) -> dict[str, Any]:
     """Kill one RUNNING replica's process: `how="ray_kill"` (ray.kill on its actor, no restart: Serve's
-    controller must notice and replace it) or `"sigkill"` (SIGKILL to its PID). Returns which replica,
-    its PID and the time of the kill (time.time())."""
+    controller must notice and replace it) or `"sigkill"` (SIGKILL to its PID); or `"engine_core"`: SIGKILL
+    to its engine-core process (`EngineConfig(engine_core="process")`), the replica's own process staying
+    up, so that only its health check can get it replaced. Returns which replica, the PID killed and the
+    time of the kill (time.time())."""
     ray = _require_ray()
     r = _pick(cluster, app_name, replica_id)
-    t = time.time()
     if how == "ray_kill":
+        t = time.time()
         ray.kill(_serve_actor(ray, r), no_restart=True)
-    elif how == "sigkill":
+        return {"replica_id": r.replica_id, "pid": r.pid, "how": how, "killed_at": t}
+    if how == "sigkill":
         if not r.pid:
             raise RuntimeError(f"Serve reports no pid for replica {r.replica_id}")
-        if r.node_id in ("", ray.get_runtime_context().get_node_id()):
-            _sigkill(int(r.pid))
-        else:  # another node: a zero-CPU task pinned there sends the signal
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            task = ray.remote(num_cpus=0)(_sigkill).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(r.node_id, soft=False))
-            ray.get(task.remote(int(r.pid)), timeout=60)
+        pid = int(r.pid)
+    elif how == "engine_core":
+        core = ray.get(_serve_actor(ray, r).__ray_call__.remote(_engine_core_pid), timeout=120)
+        if not core["core_pid"]:
+            raise RuntimeError(f"replica {r.replica_id}'s engine has no core process (engine.engine_core is "
+                               "'thread'): nothing to kill but the replica")
+        pid = int(core["core_pid"])
     else:
-        raise ValueError(f"how={how!r}: use 'ray_kill' or 'sigkill'")
-    return {"replica_id": r.replica_id, "pid": r.pid, "how": how, "killed_at": t}
+        raise ValueError(f"how={how!r}: use 'ray_kill', 'sigkill' or 'engine_core'")
+    t = time.time()
+    if r.node_id in ("", ray.get_runtime_context().get_node_id()):
+        _sigkill(pid)
+    else:  # another node: a zero-CPU task pinned there sends the signal
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = ray.remote(num_cpus=0)(_sigkill).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(r.node_id, soft=False))
+        ray.get(task.remote(pid), timeout=60)
+    return {"replica_id": r.replica_id, "pid": pid, "how": how, "killed_at": t}
 
 
 def _poison_engine(_actor: Any) -> dict[str, Any]:
@@ -156,7 +177,7 @@ def wait_served_by(base_url: str, replica_ids: set[str], *, api_key: str | None 
 def kill_and_recover(cluster: Cluster, app: AppHandle, how: str, target: int, timeout_s: float = 300.0,
                      replica_id: str | None = None) -> dict[str, Any]:
     """An action for `run_load` (`Action(at_s, "kill", lambda: kill_and_recover(...))`): kill one replica
-    (`how`: ray_kill, sigkill or engine_loop), then wait until Serve runs `target` replicas again and a
+    (`how`: ray_kill, sigkill, engine_core or engine_loop), then wait until Serve runs `target` replicas again and a
     request is served by the replacement. Returns the kill record with `recovery_s` (kill → replacement
     RUNNING) and `serving_s` (kill → first answer from the replacement)."""
     before = running_ids(cluster, app.name)
