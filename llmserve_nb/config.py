@@ -92,8 +92,8 @@ class EngineConfig(_Strict):
         "process",
         description="The transformers engine: 'process' runs the model and scheduler in an engine-core process of "
         "their own per replica (vLLM's design), so the replica's HTTP and streaming never wait on the decode "
-        "step for the GIL (served on 2 cores: 1.26x tok/s and 0.85x TTFT at 1 user, the same at 32; ~1 s more "
-        "start-up); 'thread' decodes on a thread of the replica's process. Ignored by the vLLM backend.",
+        "step for the GIL (served on 2 cores: 1.26x tok/s and 0.85x TTFT at 1 user, the same at 32; ~100 MiB "
+        "more memory); 'thread' decodes on a thread of the replica's process. Ignored by the vLLM backend.",
     )
     cache_dir: str | None = Field(None, description="Where the converted safetensors copy of a GGUF lives.")
     trust_remote_code: bool = False

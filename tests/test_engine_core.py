@@ -207,6 +207,40 @@ def test_close_fails_requests_in_flight_and_refuses_new_ones(core):
         core.submit([])
 
 
+def test_a_model_that_cannot_load_fails_the_constructor_with_why_and_leaves_no_core(tmp_path):
+    # The front end's tokenizer or the core's model, whichever fails first, names what could not be loaded.
+    with pytest.raises((OSError, RuntimeError), match="no-such-model"):
+        create_engine(EngineConfig(engine_core="process", model_source=str(tmp_path / "no-such-model")))
+    assert not [p for p in psutil.Process().children() if "llmserve_nb.engine.core" in " ".join(p.cmdline())]
+
+
+def test_the_front_ends_tokenizer_is_transformers_own_without_torch():
+    """The front end reads the tokenizer's files itself (`FileTokenizer`) so that it imports neither
+    transformers' tokenizer classes nor torch; prompts, chat templates and ids must be AutoTokenizer's."""
+    from transformers import AutoTokenizer
+
+    from llmserve_nb.engine.loading import ready_source
+    from llmserve_nb.engine.prompts import FileTokenizer, load_tokenizer
+
+    source = ready_source(EngineConfig())
+    assert source is not None  # the session's engine fixture has converted the embedded model
+    mine, theirs = load_tokenizer(source), AutoTokenizer.from_pretrained(source)
+    assert isinstance(mine, FileTokenizer)
+    chats = [FRANCE, [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi ünïcode 🤖"},
+                      {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "again\n\n"}]]
+    for chat in chats:
+        text = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert mine.apply_chat_template(chat, add_generation_prompt=True) == text
+        assert mine(text, add_special_tokens=False) == {"input_ids": theirs(text, add_special_tokens=False)["input_ids"]}
+    for prompt in ["Once upon a time", " leading space", "日本語\n\nnewlines", "<|im_start|>user", "a" * 3000]:
+        assert mine(prompt)["input_ids"] == theirs(prompt)["input_ids"]
+    script = (f"import sys; from llmserve_nb.engine.prompts import load_tokenizer; t = load_tokenizer({source!r}); "
+              "t.apply_chat_template([{'role': 'user', 'content': 'x'}], add_generation_prompt=True); "
+              "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True
+                          ).stdout.strip() == "False"
+
+
 def test_the_core_exits_when_its_replica_dies():
     """A replica killed outright (SIGKILL: no close, no finalizer) must not leave its core holding a model
     and cores: the core sees its front end's pipe close and exits."""

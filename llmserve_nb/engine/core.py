@@ -3,8 +3,9 @@
 `core_client.EngineCoreClient`, the replica's engine, starts it (`python -m llmserve_nb.engine.core`) and
 talks to it over two pipes of pickled tuples. The model loads and decodes here, on `ContinuousBatcher`'s
 thread, so the replica's event loop (HTTP, SSE, Serve's own Python) no longer shares a GIL with the decode
-step; the front end tokenizes, detokenizes, applies stop strings and streams. Measured against the decode
-thread in the replica: 1.06-1.20x tok/s (benchmarks/README.md, "The served path, round 6").
+step; the front end tokenizes, detokenizes, applies stop strings and streams. Served on 2 cores against the
+decode thread in the replica: 1.26x tok/s and 0.85x TTFT at one user, the same tok/s at 32
+(benchmarks/README.md, "The served path, round 7").
 
 What goes to the core: ("submit", [(request_id, prompt_ids, max_tokens, temperature, top_p, seed,
 ignore_eos), ...]) one admission group, ("abort", request_id), ("configure", max_num_seqs), ("fault",

@@ -26,7 +26,7 @@ from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine.core import ERRORS
 from llmserve_nb.engine.detokenizer import OutputText
 from llmserve_nb.engine.loading import cpu_threads, ready_source
-from llmserve_nb.engine.prompts import Prompts, prepare_on
+from llmserve_nb.engine.prompts import Prompts, load_tokenizer, prepare_on
 from llmserve_nb.engine.protocol import (
     EngineDeadError,
     GenerationRequest,
@@ -75,19 +75,20 @@ class EngineCoreClient:
         try:
             # The tokenizer loads here while the core imports and loads the model (two cores at once), where
             # its files are there to load before the core has converted anything.
-            from transformers import AutoTokenizer
-
             t_tok, source = time.perf_counter(), ready_source(cfg)
-            tokenizer = source and AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            tokenizer = source and load_tokenizer(source, cfg.trust_remote_code)
             t_tok = time.perf_counter() - t_tok
             info = self._wait_ready()
             if source != info["tokenizer_source"]:
                 t_tok = time.perf_counter()
-                tokenizer = AutoTokenizer.from_pretrained(info["tokenizer_source"],
-                                                          trust_remote_code=cfg.trust_remote_code)
+                tokenizer = load_tokenizer(info["tokenizer_source"], cfg.trust_remote_code)
                 t_tok = time.perf_counter() - t_tok
         except BaseException:
-            self._stop_core()
+            if self.proc.poll() is None:  # still loading, or loaded (and the tokenizer failed): it waits for us
+                self.proc.kill()
+            self.proc.wait()
+            self._to_core.close()
+            self._from_core.close()
             raise
         self.model_name = info["model"]
         self.max_model_len = info["max_model_len"]
