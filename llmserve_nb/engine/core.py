@@ -49,7 +49,8 @@ def error_kind(error: BaseException) -> tuple[str, str]:
 
 
 class Channel:
-    """The sending end of a pipe, for several threads (the scheduler's steps, the main thread's replies)."""
+    """The sending end of a pipe, for several threads (the scheduler's steps, the main thread's failed submits,
+    the end's report)."""
 
     def __init__(self, conn: Connection):
         self._conn = conn

@@ -28,6 +28,7 @@ from llmserve_nb.engine.detokenizer import OutputText
 from llmserve_nb.engine.loading import cpu_threads, ready_source
 from llmserve_nb.engine.prompts import Prompts, load_tokenizer, prepare_on
 from llmserve_nb.engine.protocol import (
+    ENGINE_CLOSED,
     EngineDeadError,
     GenerationRequest,
     PreparedRequest,
@@ -39,7 +40,6 @@ __all__ = ["EngineCoreClient"]
 
 log = logging.getLogger(__name__)
 
-CLOSED = "the engine was closed (its replica is shutting down); it takes no more requests"
 CLOSE_TIMEOUT_S = 30.0
 
 
@@ -172,7 +172,7 @@ class EngineCoreClient:
         self._send(("close",))
         self._stop_core()
         self._reader.join(CLOSE_TIMEOUT_S)
-        self._died(CLOSED)
+        self._died(ENGINE_CLOSED)
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         self._to_core.close()
 
@@ -248,7 +248,7 @@ class EngineCoreClient:
         with self._lock:
             if self.dead is None:
                 self.dead = reason
-                if reason != CLOSED:
+                if reason != ENGINE_CLOSED:
                     log.error("the engine is dead: %s", reason)
             streams = [stream for _, stream in self._live.values()]
             self._live.clear()

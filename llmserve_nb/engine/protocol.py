@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
 
 __all__ = [
+    "ENGINE_CLOSED",
     "Engine",
     "EngineDeadError",
     "FinishReason",
@@ -89,6 +90,10 @@ class RequestOutput:
 
 class EngineDeadError(RuntimeError):
     """The engine's decode loop is gone; the replica must be replaced (its health check fails)."""
+
+
+# Why an engine that was closed refuses work: its EngineDeadError's message, in either engine.
+ENGINE_CLOSED = "the engine was closed (its replica is shutting down); it takes no more requests"
 
 
 class RequestStream:

@@ -23,6 +23,7 @@ from llmserve_nb.config import EngineConfig
 from llmserve_nb.engine.hf import DecodeBatch, HFEngine, Row
 from llmserve_nb.engine.prompts import prepare_on
 from llmserve_nb.engine.protocol import (
+    ENGINE_CLOSED,
     EngineDeadError,
     GenerationRequest,
     PreparedRequest,
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 # that left while its request waited for its admission batch). Aborts of requests that already
 # finished land there too and are never claimed: the oldest are forgotten past this many.
 EARLY_ABORTS_KEPT = 1024
-CLOSED = "the engine was closed (its replica is shutting down); it takes no more requests"
 
 
 class _Closing(Exception):
@@ -87,7 +87,7 @@ class ContinuousBatcher:
             return
         with self._cond:
             if self.dead is not None or self._closing:
-                raise EngineDeadError(self.dead or CLOSED)
+                raise EngineDeadError(self.dead or ENGINE_CLOSED)
             aborted_early = {r.request_id for r in rows if r.request_id in self._early_aborts}
             for request_id in aborted_early:
                 del self._early_aborts[request_id]
@@ -255,7 +255,7 @@ class ContinuousBatcher:
                 self._iteration()
         except _Closing:
             log.info("the continuous batcher stopped: the engine was closed")
-            reason = CLOSED
+            reason = ENGINE_CLOSED
         except BaseException as e:  # a bug in the loop itself: fail everything, let the health check report it
             log.exception("the continuous batcher died")
             reason = f"the engine's decode loop died: {e!r}"
